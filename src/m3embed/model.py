@@ -1,0 +1,424 @@
+"""M3Model: one Hugging Face encoder with BGE-M3's dense, sparse and ColBERT heads.
+
+The checkpoint layout is BGE-M3's (the HF encoder files + ``colbert_linear.pt`` + ``sparse_linear.pt``)
+so a directory moves both ways between FlagEmbedding and m3embed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from m3embed import scores as S
+from m3embed.reps import M3Reps
+
+logger = logging.getLogger(__name__)
+
+COLBERT_FILE = "colbert_linear.pt"
+SPARSE_FILE = "sparse_linear.pt"
+CONFIG_FILE = "m3embed_config.json"
+# Special tokens that carry no lexical meaning; zeroed in the sparse output when the tokenizer has them.
+# FlagEmbedding zeroes cls/eos/pad/unk; sep is added because BERT-style tokenizers end texts with
+# [SEP] and have no eos (for XLM-RoBERTa sep == eos, so BGE-M3 outputs are unchanged).
+SPECIAL_TOKEN_ATTRS = ("cls_token_id", "eos_token_id", "sep_token_id", "pad_token_id", "unk_token_id")
+
+
+@dataclass(frozen=True)
+class M3Config:
+    """How the three outputs are built from the encoder's last hidden state."""
+
+    pooling: Literal["cls", "mean"] = "cls"  # dense vector: CLS token (BGE-M3) or masked mean
+    normalize: bool = True  # L2-normalise dense and ColBERT vectors (BGE-M3 inference default)
+    colbert_dim: int = -1  # ColBERT vector size; -1 means the encoder's hidden size
+    use_sparse: bool = True  # build the sparse (lexical weights) head
+    use_colbert: bool = True  # build the ColBERT (multi-vector) head
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"M3Config.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.colbert_dim == 0 or self.colbert_dim < -1:
+            raise ValueError(f"M3Config.colbert_dim must be -1 (hidden size) or positive, got {self.colbert_dim}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> M3Config:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class M3Model(nn.Module):
+    """A text encoder with BGE-M3's three outputs.
+
+    ``forward`` returns :class:`~m3embed.reps.M3Reps` (tensors, for training); ``encode`` returns
+    FlagEmbedding's dict of NumPy outputs (for inference).
+    """
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, config: M3Config | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.config = config or M3Config()
+        hidden = backbone.config.hidden_size
+        colbert_dim = hidden if self.config.colbert_dim == -1 else self.config.colbert_dim
+        self.sparse_linear = nn.Linear(hidden, 1) if self.config.use_sparse else None
+        self.colbert_linear = nn.Linear(hidden, colbert_dim) if self.config.use_colbert else None
+        ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS} - {None}
+        self.register_buffer("special_ids", torch.tensor(sorted(ids), dtype=torch.long), persistent=False)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        pooling: Literal["cls", "mean"] | None = None,
+        normalize: bool | None = None,
+        colbert_dim: int | None = None,
+        use_sparse: bool | None = None,
+        use_colbert: bool | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+    ) -> M3Model:
+        """Load a BGE-M3-layout directory or Hub name (e.g. ``BAAI/bge-m3``).
+
+        Arguments left at ``None`` come from the directory's ``m3embed_config.json`` when present,
+        else from :class:`M3Config`'s defaults. Missing head files mean freshly initialised heads
+        (logged as a warning).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        path = Path(name_or_path)
+        if not path.is_dir():
+            # A Hub name: fetch the whole snapshot so the head files come too (FlagEmbedding does the same).
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(str(name_or_path), cache_dir=cache_dir))
+        saved = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists() else {}
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "colbert_dim": colbert_dim,
+            "use_sparse": use_sparse,
+            "use_colbert": use_colbert,
+        }
+        saved.update({k: v for k, v in overrides.items() if v is not None})
+        colbert_state = _load_head(path / COLBERT_FILE)
+        sparse_state = _load_head(path / SPARSE_FILE)
+        if colbert_state is not None and "colbert_dim" not in saved:
+            saved["colbert_dim"] = int(colbert_state["weight"].shape[0])
+        config = M3Config.from_dict(saved)
+
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+        model = cls(backbone, tokenizer, config)
+        for head, state, file in (
+            (model.colbert_linear, colbert_state, COLBERT_FILE),
+            (model.sparse_linear, sparse_state, SPARSE_FILE),
+        ):
+            if head is None:
+                continue
+            if state is None:
+                logger.warning("%s not found in %s: that head is freshly initialised", file, path)
+            else:
+                head.load_state_dict(state)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        if device is not None:
+            model.to(device)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+        """Write BGE-M3's layout: encoder + tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory, safe_serialization=safe_serialization)
+        self.tokenizer.save_pretrained(directory)
+        for head, file in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
+            if head is not None:
+                torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.backbone.gradient_checkpointing_disable()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ the three outputs
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
+        """Encode a tokenised batch.
+
+        Shapes: input_ids, attention_mask (B, L) -> M3Reps(dense (B, H), token_weights (B, L),
+        colbert (B, L-1, C)).
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        mask = attention_mask.to(hidden.dtype)
+
+        if self.config.pooling == "cls":
+            dense = hidden[:, 0]  # (B, H)
+        else:
+            dense = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+
+        token_weights = None
+        if self.sparse_linear is not None:
+            # Zero padding and special tokens *before* pooling (multiplication, not an in-place write,
+            # so autograd keeps what it needs and nothing vocabulary-sized is ever built).
+            keep = mask * ~torch.isin(input_ids, self.special_ids)
+            token_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep  # (B, L)
+
+        colbert = None
+        if self.colbert_linear is not None:
+            colbert = self.colbert_linear(hidden[:, 1:]) * mask[:, 1:, None]  # (B, L-1, C)
+
+        if self.config.normalize:
+            dense = F.normalize(dense, dim=-1)
+            if colbert is not None:
+                colbert = F.normalize(colbert, dim=-1)
+        return M3Reps(dense, token_weights, colbert, input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ inference API (FlagEmbedding's)
+    def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+        """Tokenise and pad ``texts`` to their own longest member (truncating at ``max_length``)."""
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        batch_size: int = 256,
+        max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        show_progress_bar: bool | None = None,
+        use_fp16: bool = False,
+        use_bf16: bool = False,
+    ) -> dict[str, Any]:
+        """Encode texts as FlagEmbedding's ``BGEM3FlagModel.encode`` does.
+
+        Returns ``{"dense_vecs": ndarray (n, D), "lexical_weights": [{str(token_id): weight}],
+        "colbert_vecs": [ndarray (tokens, C)]}``, with ``None`` for outputs not asked for; one text in,
+        one item out. Texts are length-sorted into batches and the results put back in input order.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        _check_texts(texts)
+        if return_sparse and self.sparse_linear is None:
+            raise ValueError("return_sparse=True but this model has no sparse head (use_sparse=False)")
+        if return_colbert_vecs and self.colbert_linear is None:
+            raise ValueError("return_colbert_vecs=True but this model has no ColBERT head (use_colbert=False)")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+        was_training = self.training
+        self.eval()
+        device = self.device
+        autocast = _autocast(device, use_fp16, use_bf16)
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+        dense_out: list[np.ndarray | None] = [None] * len(texts)
+        sparse_out: list[dict[str, float] | None] = [None] * len(texts)
+        colbert_out: list[np.ndarray | None] = [None] * len(texts)
+
+        show = len(texts) > batch_size if show_progress_bar is None else show_progress_bar
+        bar = tqdm(total=len(texts), desc="Encoding", disable=not show)
+        start = 0
+        while start < len(order):
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch["attention_mask"].to(device)
+            try:
+                with autocast:
+                    reps = self(input_ids, attention_mask)
+            except torch.OutOfMemoryError:
+                if batch_size == 1:
+                    raise
+                batch_size = batch_size * 3 // 4 or 1  # FlagEmbedding's back-off
+                logger.warning("out of memory while encoding; retrying with batch_size=%d", batch_size)
+                _empty_cache(device)
+                continue
+            lengths = attention_mask.sum(1).tolist()
+            if return_dense:
+                dense = reps.dense.float().cpu().numpy()
+                for k, i in enumerate(rows):
+                    dense_out[i] = dense[k]
+            if return_sparse:
+                weights = reps.token_weights.float().cpu().numpy()
+                token_ids = input_ids.cpu().numpy()
+                for k, i in enumerate(rows):
+                    sparse_out[i] = _lexical_weights(token_ids[k, : lengths[k]], weights[k, : lengths[k]])
+            if return_colbert_vecs:
+                colbert = reps.colbert.float().cpu().numpy()
+                for k, i in enumerate(rows):
+                    colbert_out[i] = colbert[k, : lengths[k] - 1]  # every non-pad token after CLS
+            start += len(rows)
+            bar.update(len(rows))
+        bar.close()
+        self.train(was_training)
+
+        result: dict[str, Any] = {
+            "dense_vecs": _stack(dense_out, self._dense_dim()) if return_dense else None,
+            "lexical_weights": sparse_out if return_sparse else None,
+            "colbert_vecs": colbert_out if return_colbert_vecs else None,
+        }
+        if single:
+            result = {k: (v[0] if v is not None else None) for k, v in result.items()}
+        return result
+
+    def encode_queries(self, queries: str | Sequence[str], max_length: int = 512, **kwargs: Any) -> dict[str, Any]:
+        return self.encode(queries, max_length=max_length, **kwargs)
+
+    def encode_corpus(self, corpus: str | Sequence[str], max_length: int = 512, **kwargs: Any) -> dict[str, Any]:
+        return self.encode(corpus, max_length=max_length, **kwargs)
+
+    def _dense_dim(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # ------------------------------------------------------------------ scoring helpers (FlagEmbedding's names)
+    @staticmethod
+    def compute_lexical_matching_score(lexical_weights_1: Any, lexical_weights_2: Any) -> float | np.ndarray:
+        """Σ over shared tokens of w1·w2; two dicts give a float, two lists a (n1, n2) matrix."""
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return S.lexical_matching_score(lexical_weights_1, lexical_weights_2)
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return np.array(
+                [[S.lexical_matching_score(a, b) for b in lexical_weights_2] for a in lexical_weights_1]
+            )
+        raise ValueError("lexical weights must be two dicts or two lists of dicts")
+
+    @staticmethod
+    def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> float:
+        """(1/n_q) Σ_i max_j q_i·p_j for one query's and one passage's ColBERT vectors."""
+        return S.colbert_pair_score(q_reps, p_reps)
+
+    def convert_id_to_token(self, lexical_weights: dict | list[dict]) -> dict | list[dict]:
+        """Turn ``{str(token_id): weight}`` into ``{token: weight}`` (one dict in, one dict out)."""
+        single = isinstance(lexical_weights, dict)
+        items = [lexical_weights] if single else lexical_weights
+        out = [{self.tokenizer.decode([int(i)]): w for i, w in item.items()} for item in items]
+        return out[0] if single else out
+
+    def compute_score(
+        self,
+        sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+        batch_size: int = 256,
+        max_query_length: int = 512,
+        max_passage_length: int = 512,
+        weights_for_different_modes: Sequence[float] | None = None,
+        show_progress_bar: bool | None = False,
+    ) -> dict[str, Any]:
+        """Scores of (query, passage) pairs by each output and their weighted fusions.
+
+        Returns FlagEmbedding's keys: ``dense``, ``sparse``, ``colbert``, ``sparse+dense`` and
+        ``colbert+sparse+dense`` (weighted means with ``weights_for_different_modes = [w_d, w_s, w_c]``,
+        default ``[1, 1, 1]``); one pair in, floats out.
+        """
+        if isinstance(sentence_pairs, list | tuple) and len(sentence_pairs) == 0:
+            return {k: [] for k in S.FUSED_KEYS}
+        single = isinstance(sentence_pairs[0], str)
+        pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise ValueError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {len(pair)} items")
+        weights = list(weights_for_different_modes or (1.0, 1.0, 1.0))
+        if len(weights) != 3:
+            raise ValueError(f"weights_for_different_modes must be [dense, sparse, colbert], got {weights}")
+        kwargs = dict(
+            batch_size=batch_size,
+            return_dense=True,
+            return_sparse=self.sparse_linear is not None,
+            return_colbert_vecs=self.colbert_linear is not None,
+            show_progress_bar=show_progress_bar,
+        )
+        q = self.encode([p[0] for p in pairs], max_length=max_query_length, **kwargs)
+        p = self.encode([p[1] for p in pairs], max_length=max_passage_length, **kwargs)
+        dense = np.einsum("nd,nd->n", q["dense_vecs"], p["dense_vecs"])
+        sparse = np.array(
+            [S.lexical_matching_score(a, b) for a, b in zip(q["lexical_weights"], p["lexical_weights"])]
+            if q["lexical_weights"] is not None
+            else np.zeros_like(dense)
+        )
+        colbert = np.array(
+            [S.colbert_pair_score(a, b) for a, b in zip(q["colbert_vecs"], p["colbert_vecs"])]
+            if q["colbert_vecs"] is not None
+            else np.zeros_like(dense)
+        )
+        result = S.fuse_pair_scores(dense, sparse, colbert, weights)
+        if single:
+            return {k: v[0] for k, v in result.items()}
+        return result
+
+
+# ---------------------------------------------------------------------- helpers
+def _load_head(path: Path) -> dict[str, torch.Tensor] | None:
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_texts(texts: list[Any]) -> None:
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"text at index {i} is {type(text).__name__} ({text!r:.40}), expected a non-empty str")
+        if not text.strip():
+            raise ValueError(f"text at index {i} is empty; every text must contain at least one non-space character")
+
+
+def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """{str(token_id): max weight over the token's positions}, positive weights only."""
+    keep = weights > 0
+    token_ids, weights = token_ids[keep], weights[keep]
+    if token_ids.size == 0:
+        return {}
+    order = np.lexsort((weights, token_ids))  # by id, then weight: the last of each id is its max
+    token_ids, weights = token_ids[order], weights[order]
+    last = np.append(token_ids[1:] != token_ids[:-1], True)
+    return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
+
+
+def _stack(rows: list[np.ndarray | None], dim: int) -> np.ndarray:
+    if not rows:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.stack(rows)
+
+
+def _autocast(device: torch.device, use_fp16: bool, use_bf16: bool):
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive")
+    if use_fp16:
+        if device.type != "cuda":
+            raise ValueError(f"use_fp16 needs a CUDA device (model is on {device}); use use_bf16 on CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

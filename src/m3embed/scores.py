@@ -1,0 +1,141 @@
+"""Query-passage scores of the three outputs: pure functions of tensors, shared by inference and losses.
+
+Batch scores are memory-lean by construction:
+- sparse: token ids are mapped to a batch-local vocabulary (the query tokens), never to the model's
+  vocabulary, so no ``(B, L, vocab)`` or ``(B, vocab)`` tensor exists;
+- colbert: MaxSim is computed a block of passages at a time under activation checkpointing, so only one
+  ``(Bq, Lq, b, Lp)`` block exists at once and backward recomputes it instead of storing it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+FUSED_KEYS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+# Elements of one MaxSim / sparse block; 2**24 fp32 elements = 64 MiB.
+DEFAULT_BLOCK_ELEMENTS = 2**24
+
+
+def dense_scores(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inner products of every query with every passage.
+
+    Shapes: q (Bq, D), p (Bp, D) -> (Bq, Bp).
+    """
+    return q @ p.T
+
+
+def sparse_scores(
+    q_ids: torch.Tensor,
+    q_weights: torch.Tensor,
+    p_ids: torch.Tensor,
+    p_weights: torch.Tensor,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Lexical matching scores ``Σ_{t in q∩p} w_q(t)·w_p(t)`` with ``w(t)`` the max weight of token t.
+
+    Weights are non-negative and zero where a position must not count (padding, special tokens).
+    Token ids are mapped to the batch's query vocabulary (passage tokens no query has cannot score).
+
+    Shapes: q_ids, q_weights (Bq, Lq); p_ids, p_weights (Bp, Lp) -> (Bq, Bp).
+    """
+    vocab, q_local = torch.unique(q_ids, return_inverse=True)  # (U,), (Bq, Lq)
+    n_local = vocab.numel()
+    pos = torch.searchsorted(vocab, p_ids).clamp(max=n_local - 1)  # (Bp, Lp)
+    # Passage tokens outside the query vocabulary go to a dump column n_local, dropped after pooling.
+    p_local = torch.where(vocab[pos] == p_ids, pos, torch.full_like(pos, n_local))
+    q_pooled = _max_pool(q_local, q_weights, n_local)  # (Bq, U)
+
+    block = max(1, block_elements // max(1, n_local + 1))
+    out = []
+    for start in range(0, p_ids.shape[0], block):
+        stop = start + block
+        out.append(_maybe_checkpoint(_sparse_block, q_pooled, p_local[start:stop], p_weights[start:stop]))
+    return torch.cat(out, dim=1)
+
+
+def _max_pool(local_ids: torch.Tensor, weights: torch.Tensor, n_local: int) -> torch.Tensor:
+    """(B, L) positions -> (B, n_local) max weight per batch-local token id (0 where absent)."""
+    pooled = weights.new_zeros(weights.shape[0], n_local)
+    return pooled.scatter_reduce(1, local_ids, weights, reduce="amax", include_self=True)
+
+
+def _sparse_block(q_pooled: torch.Tensor, p_local: torch.Tensor, p_weights: torch.Tensor) -> torch.Tensor:
+    n_local = q_pooled.shape[1]
+    p_pooled = _max_pool(p_local, p_weights, n_local + 1)[:, :n_local]  # (b, U)
+    return q_pooled @ p_pooled.T  # (Bq, b)
+
+
+def colbert_scores(
+    q_vecs: torch.Tensor,
+    q_mask: torch.Tensor,
+    p_vecs: torch.Tensor,
+    p_mask: torch.Tensor,
+    block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """ColBERT MaxSim ``(1/n_q) Σ_i max_j q_i·p_j`` over valid query tokens i and passage tokens j.
+
+    Padding never wins the max (it is masked out, not left at 0), so scores do not depend on how much
+    padding a batch has. Only one block of passages' similarity tensor exists at a time.
+
+    Shapes: q_vecs (Bq, Lq, C), q_mask (Bq, Lq), p_vecs (Bp, Lp, C), p_mask (Bp, Lp) -> (Bq, Bp).
+    """
+    bq, lq, _ = q_vecs.shape
+    lp = p_vecs.shape[1]
+    block = max(1, block_elements // max(1, bq * lq * lp))
+    q_mask = q_mask.to(q_vecs.dtype)
+    p_mask = p_mask.bool()
+    out = []
+    for start in range(0, p_vecs.shape[0], block):
+        stop = start + block
+        out.append(_maybe_checkpoint(_colbert_block, q_vecs, q_mask, p_vecs[start:stop], p_mask[start:stop]))
+    return torch.cat(out, dim=1)
+
+
+def _colbert_block(q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+    sim = torch.einsum("qic,pjc->qipj", q, p)  # (Bq, Lq, b, Lp)
+    sim = sim.masked_fill(~p_mask[None, None], torch.finfo(sim.dtype).min)
+    best = sim.max(dim=-1).values  # (Bq, Lq, b)
+    best = torch.where(p_mask.any(-1)[None, None], best, torch.zeros_like(best))  # empty passage scores 0
+    return (best * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (Bq, b)
+
+
+def _maybe_checkpoint(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """Run ``fn`` so that backward recomputes its intermediates rather than keeping them."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return checkpoint(fn, *tensors, use_reentrant=False)
+    return fn(*tensors)
+
+
+# ---------------------------------------------------------------------- single pairs (inference outputs)
+def lexical_matching_score(weights_1: dict[str, float], weights_2: dict[str, float]) -> float:
+    """Σ over tokens in both dicts of w1·w2 (FlagEmbedding's ``compute_lexical_matching_score``)."""
+    if len(weights_2) < len(weights_1):
+        weights_1, weights_2 = weights_2, weights_1
+    return float(sum(w * weights_2[t] for t, w in weights_1.items() if t in weights_2))
+
+
+def colbert_pair_score(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
+    """(1/n_q) Σ_i max_j q_i·p_j. Shapes: q_vecs (n_q, C), p_vecs (n_p, C) -> scalar."""
+    q = torch.as_tensor(np.asarray(q_vecs, dtype=np.float32))
+    p = torch.as_tensor(np.asarray(p_vecs, dtype=np.float32))
+    if q.shape[0] == 0 or p.shape[0] == 0:
+        return 0.0
+    return float((q @ p.T).max(dim=1).values.sum() / q.shape[0])
+
+
+def fuse_pair_scores(
+    dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]
+) -> dict[str, list[float]]:
+    """FlagEmbedding's ``compute_score`` outputs: each mode and the weighted means of their fusions."""
+    w_d, w_s, w_c = weights
+    return {
+        "dense": dense.tolist(),
+        "sparse": sparse.tolist(),
+        "colbert": colbert.tolist(),
+        "sparse+dense": ((w_s * sparse + w_d * dense) / (w_s + w_d)).tolist(),
+        "colbert+sparse+dense": ((w_c * colbert + w_s * sparse + w_d * dense) / (w_c + w_s + w_d)).tolist(),
+    }
