@@ -48,7 +48,9 @@ class M3Config:
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"M3Config.pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.colbert_dim == 0 or self.colbert_dim < -1:
-            raise ValueError(f"M3Config.colbert_dim must be -1 (hidden size) or positive, got {self.colbert_dim}")
+            raise ValueError(
+                f"M3Config.colbert_dim must be -1 (hidden size) or positive, got {self.colbert_dim}"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> M3Config:
@@ -147,14 +149,23 @@ class M3Model(nn.Module):
         self.tokenizer.save_pretrained(directory)
         for head, file in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
             if head is not None:
-                torch.save({k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file)
+                torch.save(
+                    {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file
+                )
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
 
     def gradient_checkpointing_enable(self) -> None:
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Layer-level activation checkpointing in the encoder (non-reentrant: RNG is replayed)."""
+        # transformers 5 renamed the method; 4.x only has the old name.
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.backbone.gradient_checkpointing_disable()
+        disable = getattr(self.backbone, "activation_checkpointing_disable", None)
+        (disable or self.backbone.gradient_checkpointing_disable)()
 
     @property
     def device(self) -> torch.device:
@@ -167,7 +178,9 @@ class M3Model(nn.Module):
         Shapes: input_ids, attention_mask (B, L) -> M3Reps(dense (B, H), token_weights (B, L),
         colbert (B, L-1, C)).
         """
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).last_hidden_state  # (B, L, H)
         mask = attention_mask.to(hidden.dtype)
 
         if self.config.pooling == "cls":
@@ -230,7 +243,9 @@ class M3Model(nn.Module):
         if return_sparse and self.sparse_linear is None:
             raise ValueError("return_sparse=True but this model has no sparse head (use_sparse=False)")
         if return_colbert_vecs and self.colbert_linear is None:
-            raise ValueError("return_colbert_vecs=True but this model has no ColBERT head (use_colbert=False)")
+            raise ValueError(
+                "return_colbert_vecs=True but this model has no ColBERT head (use_colbert=False)"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
@@ -238,7 +253,9 @@ class M3Model(nn.Module):
         self.eval()
         device = self.device
         autocast = _autocast(device, use_fp16, use_bf16)
-        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)[
+            "input_ids"
+        ]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         dense_out: list[np.ndarray | None] = [None] * len(texts)
         sparse_out: list[dict[str, float] | None] = [None] * len(texts)
@@ -290,10 +307,14 @@ class M3Model(nn.Module):
             result = {k: (v[0] if v is not None else None) for k, v in result.items()}
         return result
 
-    def encode_queries(self, queries: str | Sequence[str], max_length: int = 512, **kwargs: Any) -> dict[str, Any]:
+    def encode_queries(
+        self, queries: str | Sequence[str], max_length: int = 512, **kwargs: Any
+    ) -> dict[str, Any]:
         return self.encode(queries, max_length=max_length, **kwargs)
 
-    def encode_corpus(self, corpus: str | Sequence[str], max_length: int = 512, **kwargs: Any) -> dict[str, Any]:
+    def encode_corpus(
+        self, corpus: str | Sequence[str], max_length: int = 512, **kwargs: Any
+    ) -> dict[str, Any]:
         return self.encode(corpus, max_length=max_length, **kwargs)
 
     def _dense_dim(self) -> int:
@@ -344,7 +365,9 @@ class M3Model(nn.Module):
         pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
         for i, pair in enumerate(pairs):
             if len(pair) != 2:
-                raise ValueError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {len(pair)} items")
+                raise ValueError(
+                    f"sentence_pairs[{i}] must be a (query, passage) pair, got {len(pair)} items"
+                )
         weights = list(weights_for_different_modes or (1.0, 1.0, 1.0))
         if len(weights) != 3:
             raise ValueError(f"weights_for_different_modes must be [dense, sparse, colbert], got {weights}")
@@ -384,9 +407,13 @@ def _load_head(path: Path) -> dict[str, torch.Tensor] | None:
 def _check_texts(texts: list[Any]) -> None:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise ValueError(f"text at index {i} is {type(text).__name__} ({text!r:.40}), expected a non-empty str")
+            raise ValueError(
+                f"text at index {i} is {type(text).__name__} ({text!r:.40}), expected a non-empty str"
+            )
         if not text.strip():
-            raise ValueError(f"text at index {i} is empty; every text must contain at least one non-space character")
+            raise ValueError(
+                f"text at index {i} is empty; every text must contain at least one non-space character"
+            )
 
 
 def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:

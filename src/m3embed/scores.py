@@ -95,7 +95,9 @@ def colbert_scores(
     return torch.cat(out, dim=1)
 
 
-def _colbert_block(q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor) -> torch.Tensor:
+def _colbert_block(
+    q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor
+) -> torch.Tensor:
     sim = torch.einsum("qic,pjc->qipj", q, p)  # (Bq, Lq, b, Lp)
     sim = sim.masked_fill(~p_mask[None, None], torch.finfo(sim.dtype).min)
     best = sim.max(dim=-1).values  # (Bq, Lq, b)

@@ -75,7 +75,9 @@ def tiny_tokenizer(kind: Literal["xlmr", "bert"] = "xlmr", vocab_size: int = 400
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tok.train_from_iterator(
+            corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        )
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -125,7 +127,8 @@ def wide_vocab_tokenizer(vocab_size: int = 250_002):
 def wide_vocab_texts(n: int, vocab_size: int = 250_002, seed: int = 0, max_words: int = 30) -> list[str]:
     rng = random.Random(seed)
     return [
-        " ".join(f"w{rng.randrange(4, vocab_size)}" for _ in range(rng.randint(2, max_words))) for _ in range(n)
+        " ".join(f"w{rng.randrange(4, vocab_size)}" for _ in range(rng.randint(2, max_words)))
+        for _ in range(n)
     ]
 
 

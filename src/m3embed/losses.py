@@ -1,0 +1,206 @@
+"""The BGE-M3 unified fine-tuning objective as pure functions of scores (DESIGN.md section 3).
+
+Every constant of the objective is a named field of :class:`LossConfig`; none is written inline.
+The loss sees whole-batch representations and knows nothing about how they were computed, so the
+memory strategies (``m3embed.memory``) can all share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from m3embed import scores as S
+from m3embed.reps import M3Reps
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and switches of the objective; defaults are FlagEmbedding's BGE-M3 values."""
+
+    temperature: float = 0.02  # scores are divided by this before softmax
+    heads: Literal["all", "dense"] = "all"  # "dense": a dense-only InfoNCE objective
+    # Ensemble score S_e = w_d·S_d + w_s·S_s + w_c·S_c (FlagEmbedding's ensemble_score).
+    ensemble_dense_weight: float = 1.0
+    ensemble_sparse_weight: float = 0.3
+    ensemble_colbert_weight: float = 1.0
+    # L = (w_d·CE(S_d) + w_e·CE(S_e) + w_s·CE(S_s) + w_c·CE(S_c)) / contrastive_normalizer
+    dense_loss_weight: float = 1.0
+    ensemble_loss_weight: float = 1.0
+    sparse_loss_weight: float = 0.1
+    colbert_loss_weight: float = 1.0
+    contrastive_normalizer: float = 4.0
+    # Self-knowledge distillation with the detached ensemble as teacher:
+    # L = (L + (w_d·SCE(T,S_d) + w_s·SCE(T,S_s) + w_c·SCE(T,S_c)) / distill_normalizer) / final_normalizer
+    self_distill: bool = True
+    self_distill_start_step: int = -1  # distillation applies when step > start step (FlagEmbedding's rule)
+    distill_dense_weight: float = 1.0
+    distill_sparse_weight: float = 0.1
+    distill_colbert_weight: float = 1.0
+    distill_normalizer: float = 3.0
+    final_normalizer: float = 2.0
+    # Teacher scores (pos_scores/neg_scores in the data): FlagEmbedding's two variants.
+    kd_loss_type: Literal["kl_div", "m3_kd_loss"] = "m3_kd_loss"
+    # Passages per MaxSim / sparse block on the loss side (memory of one block, see m3embed.scores).
+    score_block_elements: int = S.DEFAULT_BLOCK_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature}")
+        if self.heads not in ("all", "dense"):
+            raise ValueError(f"LossConfig.heads must be 'all' or 'dense', got {self.heads!r}")
+        if self.kd_loss_type not in ("kl_div", "m3_kd_loss"):
+            raise ValueError(
+                f"LossConfig.kd_loss_type must be 'kl_div' or 'm3_kd_loss', got {self.kd_loss_type!r}"
+            )
+        for name in ("contrastive_normalizer", "distill_normalizer", "final_normalizer"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class LossOutput:
+    """The scalar to backpropagate and every named part of it (detached), for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+    def as_floats(self) -> dict[str, float]:
+        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.parts.items()}}
+
+
+@dataclass
+class BatchScores:
+    """Temperature-scaled query × passage scores of one batch. Shapes: each (Bq, Bp) or None."""
+
+    dense: torch.Tensor
+    sparse: torch.Tensor | None = None
+    colbert: torch.Tensor | None = None
+
+
+def batch_scores(q: M3Reps, p: M3Reps, config: LossConfig) -> BatchScores:
+    """Scores of every query against every passage of the batch, divided by the temperature."""
+    tau = config.temperature
+    dense = S.dense_scores(q.dense, p.dense) / tau
+    if config.heads == "dense":
+        return BatchScores(dense)
+    if q.token_weights is None or q.colbert is None:
+        raise ValueError(
+            "LossConfig.heads='all' needs a model with sparse and ColBERT heads; use heads='dense'"
+        )
+    sparse = S.sparse_scores(
+        q.input_ids, q.token_weights, p.input_ids, p.token_weights, config.score_block_elements
+    )
+    colbert = S.colbert_scores(
+        q.colbert, q.colbert_mask, p.colbert, p.colbert_mask, config.score_block_elements
+    )
+    return BatchScores(dense, sparse / tau, colbert / tau)
+
+
+def target_columns(n_queries: int, group_size: int, device: torch.device) -> torch.Tensor:
+    """Column of each query's positive in ``[q0: pos, negs.., q1: pos, ...]`` layout. Shape: (Bq,)."""
+    return torch.arange(n_queries, device=device) * group_size
+
+
+def soft_cross_entropy(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """-mean_rows Σ teacher·log_softmax(student) (FlagEmbedding's ``kl_div`` distill loss)."""
+    return -(teacher * F.log_softmax(student, dim=-1)).sum(-1).mean()
+
+
+def local_scores(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each query's scores against its own group. Shapes: (Bq, Bp) -> (Bq, G)."""
+    n = scores.shape[0]
+    cols = target_columns(n, group_size, scores.device)[:, None] + torch.arange(
+        group_size, device=scores.device
+    )
+    return scores.gather(1, cols)
+
+
+def m3_kd_loss(teacher: torch.Tensor, scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """FlagEmbedding's ``m3_kd_loss``: one CE per group position weighted by the teacher probability,
+    with the positions already used masked out of later softmaxes.
+
+    Shapes: teacher (Bq, G) probabilities, scores (Bq, Bp) -> scalar.
+    """
+    labels = target_columns(scores.shape[0], group_size, scores.device)
+    mask = torch.zeros_like(scores)
+    loss = scores.new_zeros(())
+    for i in range(group_size):
+        ce = F.cross_entropy(scores + mask, labels + i, reduction="none")  # (Bq,)
+        loss = loss + (teacher[:, i] * ce).mean()
+        mask = mask.scatter(1, (labels + i)[:, None], torch.finfo(scores.dtype).min)
+    return loss
+
+
+def contrastive_loss(
+    scores: torch.Tensor, group_size: int, config: LossConfig, teacher: torch.Tensor | None
+) -> torch.Tensor:
+    """InfoNCE over in-batch + hard negatives, or its teacher-distilled variant.
+
+    Shapes: scores (Bq, Bp), teacher (Bq, G) probabilities or None -> scalar.
+    """
+    targets = target_columns(scores.shape[0], group_size, scores.device)
+    if teacher is None:
+        return F.cross_entropy(scores, targets)
+    if config.kd_loss_type == "kl_div":
+        return soft_cross_entropy(teacher, local_scores(scores, group_size)) + F.cross_entropy(
+            scores, targets
+        )
+    return m3_kd_loss(teacher, scores, group_size)
+
+
+def m3_loss(
+    scores: BatchScores,
+    group_size: int,
+    config: LossConfig,
+    step: int = 0,
+    teacher_scores: torch.Tensor | None = None,
+) -> LossOutput:
+    """The unified fine-tuning loss of BGE-M3 from a batch's scores.
+
+    Shapes: every score (Bq, Bq·G); teacher_scores (Bq, G) raw teacher scores or None.
+    """
+    c = config
+    teacher = None if teacher_scores is None else torch.softmax(teacher_scores.to(scores.dense), dim=-1)
+
+    # (1) dense-only objective
+    dense = contrastive_loss(scores.dense, group_size, c, teacher)
+    if c.heads == "dense":
+        return LossOutput(dense, {"dense": dense.detach()})
+
+    # (2) contrastive loss of each output and of their ensemble
+    ensemble_scores = (
+        c.ensemble_dense_weight * scores.dense
+        + c.ensemble_sparse_weight * scores.sparse
+        + c.ensemble_colbert_weight * scores.colbert
+    )
+    sparse = contrastive_loss(scores.sparse, group_size, c, teacher)
+    colbert = contrastive_loss(scores.colbert, group_size, c, teacher)
+    ensemble = contrastive_loss(ensemble_scores, group_size, c, teacher)
+    loss = (
+        c.dense_loss_weight * dense
+        + c.ensemble_loss_weight * ensemble
+        + c.sparse_loss_weight * sparse
+        + c.colbert_loss_weight * colbert
+    ) / c.contrastive_normalizer
+    parts = {"dense": dense, "sparse": sparse, "colbert": colbert, "ensemble": ensemble}
+
+    # (3) self-knowledge distillation: the ensemble teaches each output
+    if c.self_distill and step > c.self_distill_start_step:
+        target = torch.softmax(ensemble_scores.detach(), dim=-1)
+        distill = {
+            "distill_dense": soft_cross_entropy(target, scores.dense),
+            "distill_sparse": soft_cross_entropy(target, scores.sparse),
+            "distill_colbert": soft_cross_entropy(target, scores.colbert),
+        }
+        distill_sum = (
+            c.distill_dense_weight * distill["distill_dense"]
+            + c.distill_sparse_weight * distill["distill_sparse"]
+            + c.distill_colbert_weight * distill["distill_colbert"]
+        ) / c.distill_normalizer
+        loss = (loss + distill_sum) / c.final_normalizer
+        parts.update(distill)
+    return LossOutput(loss, {k: v.detach() for k, v in parts.items()})

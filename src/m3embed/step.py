@@ -1,0 +1,118 @@
+"""``train_step``: one forward + backward of the BGE-M3 objective under a memory strategy.
+
+The public entry point for users' own loops; ``m3embed train`` uses it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from m3embed.losses import LossConfig, LossOutput, batch_scores, m3_loss
+from m3embed.memory import EncodeFn, MemoryConfig, TokenBatch, run_step
+from m3embed.model import M3Model
+from m3embed.reps import M3Reps
+
+TextsOrTokens = Sequence[str] | TokenBatch | Mapping[str, torch.Tensor]
+# Turns a rank's representations into the global batch's (see m3embed.distributed); identity otherwise.
+GatherFn = Callable[[M3Reps, M3Reps, torch.Tensor | None], tuple[M3Reps, M3Reps, torch.Tensor | None]]
+
+
+def train_step(
+    model: M3Model,
+    queries: TextsOrTokens,
+    passages: TextsOrTokens,
+    group_size: int,
+    *,
+    strategy: Literal["none", "checkpoint", "cache"] = "cache",
+    sub_batch_size: int | Literal["auto"] | None = 8,
+    sub_batch_tokens: int | None = None,
+    memory: MemoryConfig | None = None,
+    loss: LossConfig | None = None,
+    step: int = 0,
+    teacher_scores: torch.Tensor | Sequence[Sequence[float]] | None = None,
+    query_max_length: int = 512,
+    passage_max_length: int = 512,
+    autocast_dtype: torch.dtype | None = None,
+    encoder: EncodeFn | None = None,
+    gather: GatherFn | None = None,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> dict[str, float]:
+    """Encode B queries and B·G passages, compute the BGE-M3 loss, backpropagate.
+
+    Gradients are left in ``.grad`` (call your optimiser after); returns the loss and each of its parts
+    as floats. ``queries``/``passages`` are strings (tokenised here with the model's tokenizer) or an
+    already tokenised batch (``TokenBatch`` or a dict with ``input_ids`` and ``attention_mask``).
+    Passages are laid out ``[q0: pos, neg1..neg(G-1), q1: pos, ...]``. ``memory`` overrides
+    ``strategy``/``sub_batch_size``/``sub_batch_tokens``; ``encoder`` replaces ``model`` as the encode
+    function (e.g. its DDP wrapper), ``gather`` adds cross-device negatives.
+    """
+    memory = memory or MemoryConfig(strategy, sub_batch_size, sub_batch_tokens)
+    loss = loss or LossConfig()
+    device = model.device
+    q_batch = _tokens(model, queries, query_max_length, device)
+    p_batch = _tokens(model, passages, passage_max_length, device)
+    if group_size < 1 or len(p_batch) != len(q_batch) * group_size:
+        raise ValueError(
+            f"expected len(passages) == len(queries) * group_size, got {len(p_batch)} passages for "
+            f"{len(q_batch)} queries and group_size={group_size}"
+        )
+    teacher = None
+    if teacher_scores is not None:
+        teacher = torch.as_tensor(teacher_scores, dtype=torch.float32, device=device).view(
+            len(q_batch), group_size
+        )
+
+    encode = encoder or model
+    if autocast_dtype is not None:
+        encode = _autocast(encode, device, autocast_dtype)
+
+    def loss_fn(q: M3Reps, p: M3Reps) -> LossOutput:
+        local_teacher = teacher
+        if gather is not None:
+            q, p, local_teacher = gather(q, p, teacher)
+        return m3_loss(batch_scores(_float(q), _float(p), loss), group_size, loss, step, local_teacher)
+
+    def checkpointing(on: bool) -> None:
+        model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
+
+    out = run_step(
+        encode, loss_fn, q_batch, p_batch, memory, gradient_checkpointing=checkpointing, no_sync=no_sync
+    )
+    return out.as_floats()
+
+
+def _tokens(model: M3Model, texts: TextsOrTokens, max_length: int, device: torch.device) -> TokenBatch:
+    if isinstance(texts, TokenBatch):
+        batch = texts
+    elif isinstance(texts, Mapping):
+        batch = TokenBatch(texts["input_ids"], texts["attention_mask"])
+    else:
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError(f"text at index {i} must be a non-empty str, got {t!r:.40}")
+        batch = TokenBatch(**model.tokenize(texts, max_length))
+    return TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device))
+
+
+def _float(reps: M3Reps) -> M3Reps:
+    """Scores and losses in fp32 even when the encoder ran under autocast."""
+    return M3Reps(
+        reps.dense.float(),
+        None if reps.token_weights is None else reps.token_weights.float(),
+        None if reps.colbert is None else reps.colbert.float(),
+        reps.input_ids,
+        reps.attention_mask,
+    )
+
+
+def _autocast(encode: EncodeFn, device: torch.device, dtype: torch.dtype) -> EncodeFn:
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        with torch.autocast(device.type, dtype=dtype):
+            return encode(input_ids, attention_mask)
+
+    return run

@@ -1,0 +1,108 @@
+"""Batch scores equal the naive formulas of DESIGN.md section 2, values and gradients."""
+
+import numpy as np
+import pytest
+import torch
+
+from m3embed import scores as S
+
+VOCAB = 50
+
+
+def naive_sparse(q_ids, q_w, p_ids, p_w):
+    """FlagEmbedding's training formula: scatter into (B, L, vocab), max over L, dot products."""
+
+    def pooled(ids, w):
+        full = torch.zeros(ids.shape[0], ids.shape[1], VOCAB, dtype=w.dtype)
+        full = torch.scatter(full, -1, ids[..., None], w[..., None])
+        return full.max(dim=1).values
+
+    return pooled(q_ids, q_w) @ pooled(p_ids, p_w).T
+
+
+def naive_colbert(q, q_mask, p, p_mask):
+    """Loop over pairs: (1/n_q) Σ_i max_j over valid tokens only."""
+    out = torch.zeros(q.shape[0], p.shape[0], dtype=q.dtype)
+    for a in range(q.shape[0]):
+        qa = q[a][q_mask[a].bool()]
+        for b in range(p.shape[0]):
+            pb = p[b][p_mask[b].bool()]
+            out[a, b] = (qa @ pb.T).max(dim=1).values.sum() / qa.shape[0]
+    return out
+
+
+def ragged_mask(n, length, gen):
+    lengths = torch.randint(1, length + 1, (n,), generator=gen)
+    lengths[0] = length
+    return torch.arange(length)[None] < lengths[:, None]
+
+
+@pytest.mark.parametrize("block", [S.DEFAULT_BLOCK_ELEMENTS, 7])
+def test_sparse_scores_equal_naive_values_and_gradients(block):
+    gen = torch.Generator().manual_seed(0)
+    q_ids = torch.randint(0, VOCAB, (5, 6), generator=gen)
+    p_ids = torch.randint(0, VOCAB, (9, 11), generator=gen)
+    q_ids[0, :3] = 7  # a token repeated inside one text: the max counts, not the sum
+    # strictly positive, distinct weights so the max is unique (its subgradient is then unambiguous)
+    q_mask, p_mask = ragged_mask(5, 6, gen), ragged_mask(9, 11, gen)
+    q_w = (torch.rand(5, 6, generator=gen) + 0.1) * q_mask
+    p_w = (torch.rand(9, 11, generator=gen) + 0.1) * p_mask
+    q_w.requires_grad_(True)
+    p_w.requires_grad_(True)
+
+    got = S.sparse_scores(q_ids, q_w, p_ids, p_w, block_elements=block)
+    want = naive_sparse(q_ids, q_w, p_ids, p_w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(got.shape, generator=gen)
+    g_got = torch.autograd.grad((got * upstream).sum(), (q_w, p_w))
+    g_want = torch.autograd.grad((want * upstream).sum(), (q_w, p_w))
+    # At masked positions the weight is exactly 0 and ties with "absent" (also 0): any subgradient is
+    # valid there, and the model's mask multiplies it away. Compare where weights are real.
+    for a, b, mask in zip(g_got, g_want, (q_mask, p_mask)):
+        torch.testing.assert_close(a * mask, b * mask, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_scores_hand_computed():
+    q_ids = torch.tensor([[1, 2, 2, 0]])
+    q_w = torch.tensor([[0.5, 0.2, 0.4, 0.0]])
+    p_ids = torch.tensor([[2, 3, 1], [4, 4, 4]])
+    p_w = torch.tensor([[1.0, 9.0, 2.0], [1.0, 1.0, 1.0]])
+    # q: {1: .5, 2: .4}; p0: {2: 1, 3: 9, 1: 2} -> .5*2 + .4*1 = 1.4; p1 shares nothing -> 0
+    torch.testing.assert_close(S.sparse_scores(q_ids, q_w, p_ids, p_w), torch.tensor([[1.4, 0.0]]))
+
+
+@pytest.mark.parametrize("block", [S.DEFAULT_BLOCK_ELEMENTS, 50])
+def test_colbert_scores_equal_naive_with_padding_and_negative_similarities(block):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.nn.functional.normalize(torch.randn(4, 5, 8, generator=gen), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(7, 9, 8, generator=gen), dim=-1)
+    q_mask, p_mask = ragged_mask(4, 5, gen), ragged_mask(7, 9, gen)
+    # one passage whose every similarity with query 0 is negative: padding must not turn that into 0
+    p[3] = -q[0, 0]
+    q[0] = q[0, :1].expand_as(q[0])
+    q = (q * q_mask[..., None]).requires_grad_(True)
+    p = (p * p_mask[..., None]).requires_grad_(True)
+
+    got = S.colbert_scores(q, q_mask, p, p_mask, block_elements=block)
+    want = naive_colbert(q, q_mask, p, p_mask)
+    assert got[0, 3] < 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(got.shape, generator=gen)
+    g_got = torch.autograd.grad((got * upstream).sum(), (q, p))
+    g_want = torch.autograd.grad((want * upstream).sum(), (q, p))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_colbert_pair_score_and_lexical_matching():
+    q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    p = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)
+    assert S.colbert_pair_score(q, p) == pytest.approx((1.0 + 0.8) / 2)
+    assert S.lexical_matching_score({"1": 0.5, "2": 0.25}, {"2": 4.0, "3": 1.0}) == pytest.approx(1.0)
+
+
+def test_fusion_is_the_weighted_mean():
+    d, s, c = np.array([1.0]), np.array([2.0]), np.array([4.0])
+    out = S.fuse_pair_scores(d, s, c, [0.4, 0.2, 0.4])
+    assert out["sparse+dense"][0] == pytest.approx((0.2 * 2 + 0.4 * 1) / 0.6)
+    assert out["colbert+sparse+dense"][0] == pytest.approx(0.4 * 1 + 0.2 * 2 + 0.4 * 4)

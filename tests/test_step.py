@@ -1,0 +1,128 @@
+"""The memory strategies give the loss and gradients of plain autograd (DESIGN.md section 4)."""
+
+import pytest
+import torch
+
+from m3embed import M3Config
+from m3embed.losses import LossConfig
+from m3embed.memory import MemoryConfig, RandContext, TokenBatch, choose_sub_batch_size, plan_sub_batches
+from m3embed.step import train_step
+from m3embed.testing import sample_texts, tiny_model
+
+B, G = 5, 3  # 5 queries, 15 passages: sub-batches of 4 leave uneven last ones (4+1, 4+4+4+3)
+QUERIES = sample_texts(B, seed=1, min_words=1, max_words=10)
+PASSAGES = sample_texts(B * G, seed=2, min_words=3, max_words=40)
+TEACHER = torch.randn(B, G, generator=torch.Generator().manual_seed(3))
+
+
+def run(tokenizer, strategy, *, config=None, loss=None, teacher=None, dropout=0.1, **memory):
+    model = tiny_model(tokenizer=tokenizer, config=config, dropout=dropout, seed=0)
+    model.train()
+    torch.manual_seed(1234)  # the dropout masks of this step
+    parts = train_step(
+        model,
+        QUERIES,
+        PASSAGES,
+        G,
+        memory=MemoryConfig(strategy, **memory),
+        loss=loss,
+        teacher_scores=teacher,
+    )
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return parts, grads, torch.get_rng_state()
+
+
+def assert_same(ref, other):
+    parts_ref, grads_ref, rng_ref = ref
+    parts, grads, rng = other
+    assert parts.keys() == parts_ref.keys()
+    for k in parts_ref:
+        assert parts[k] == pytest.approx(parts_ref[k], rel=1e-4, abs=1e-6), k
+    assert grads.keys() == grads_ref.keys()
+    for name in grads_ref:
+        assert torch.allclose(grads[name], grads_ref[name], rtol=1e-4, atol=1e-6), name
+    assert torch.equal(rng, rng_ref), "a strategy left the global RNG somewhere else"
+
+
+CASES = {
+    "all heads + self-distillation": dict(),
+    "teacher scores, kl_div": dict(loss=LossConfig(kd_loss_type="kl_div"), teacher=TEACHER),
+    "teacher scores, m3_kd_loss": dict(loss=LossConfig(kd_loss_type="m3_kd_loss"), teacher=TEACHER),
+    "dense only": dict(config=M3Config(use_sparse=False, use_colbert=False), loss=LossConfig(heads="dense")),
+    "mean pooling, no self-distillation": dict(
+        config=M3Config(pooling="mean"), loss=LossConfig(self_distill=False)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("strategy", ["checkpoint", "cache"])
+def test_strategies_match_plain_autograd(xlmr_tokenizer, case, strategy):
+    kwargs = CASES[case]
+    ref = run(xlmr_tokenizer, "none", sub_batch_size=4, **kwargs)
+    assert len(ref[1]) == sum(
+        1 for _ in tiny_model(tokenizer=xlmr_tokenizer, config=kwargs.get("config")).parameters()
+    )
+    assert_same(ref, run(xlmr_tokenizer, strategy, sub_batch_size=4, **kwargs))
+
+
+def test_token_budget_sub_batches_match(xlmr_tokenizer):
+    ref = run(xlmr_tokenizer, "none", sub_batch_size=None, sub_batch_tokens=300)
+    assert_same(ref, run(xlmr_tokenizer, "cache", sub_batch_size=None, sub_batch_tokens=300))
+
+
+def test_result_does_not_depend_on_the_split_without_dropout(xlmr_tokenizer):
+    """Padding to each sub-batch's own length and merging back changes nothing."""
+    whole = run(xlmr_tokenizer, "none", sub_batch_size=None, dropout=0.0)
+    assert_same(whole, run(xlmr_tokenizer, "cache", sub_batch_size=2, dropout=0.0))
+    assert_same(whole, run(xlmr_tokenizer, "checkpoint", sub_batch_size=3, sub_batch_tokens=200, dropout=0.0))
+
+
+def test_dropout_really_is_on(xlmr_tokenizer):
+    """Guards the equivalence tests: different dropout masks must change the gradient."""
+    a = run(xlmr_tokenizer, "none", sub_batch_size=4)
+    b = run(xlmr_tokenizer, "none", sub_batch_size=2)
+    assert any(not torch.allclose(a[1][n], b[1][n], rtol=1e-4, atol=1e-6) for n in a[1])
+
+
+def test_plan_sub_batches_covers_every_row_once_within_budgets():
+    lengths = torch.tensor([5, 40, 12, 40, 3, 27, 8, 19, 33])
+    plan = plan_sub_batches(lengths, max_size=3, max_tokens=90)
+    rows = torch.cat(plan)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    for sub in plan:
+        assert len(sub) <= 3
+        assert len(sub) * int(lengths[sub].max()) <= 90 or len(sub) == 1
+    longest_first = [int(lengths[s].max()) for s in plan]
+    assert longest_first == sorted(longest_first, reverse=True)
+
+
+def test_auto_sub_batch_size_follows_the_budget_and_keeps_rng(xlmr_model):
+    xlmr_model.train()
+    q = TokenBatch(**xlmr_model.tokenize(QUERIES, 64))
+    p = TokenBatch(**xlmr_model.tokenize(PASSAGES, 64))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    small = choose_sub_batch_size(xlmr_model, q, p, MemoryConfig(sub_batch_size="auto", memory_budget=2**20))
+    large = choose_sub_batch_size(xlmr_model, q, p, MemoryConfig(sub_batch_size="auto", memory_budget=2**30))
+    assert torch.equal(before, torch.get_rng_state())
+    assert 1 <= small < large <= len(PASSAGES)
+    assert large == len(PASSAGES)
+
+
+def test_rand_context_replays_dropout():
+    ctx = RandContext(torch.device("cpu"))
+    first = torch.rand(3)
+    after = torch.get_rng_state()
+    with ctx:
+        assert torch.equal(torch.rand(3), first)
+    assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_train_step_rejects_bad_shapes(xlmr_model):
+    with pytest.raises(ValueError, match="group_size"):
+        train_step(xlmr_model, QUERIES, PASSAGES[:-1], G)
+    with pytest.raises(ValueError, match="index 1"):
+        train_step(xlmr_model, ["a", " ", "c", "d", "e"], PASSAGES, G)
+    with pytest.raises(ValueError, match="strategy"):
+        MemoryConfig(strategy="fast")
