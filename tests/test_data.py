@@ -440,3 +440,12 @@ def test_demo_dev_folder_is_a_consistent_beir_folder():
     assert len({q["lang"] for q in queries}) >= 8
     total = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert total < 1.5 * 2**20
+
+
+def test_batch_mixing_scored_and_unscored_examples_has_no_teacher_scores(tmp_path, caplog):
+    lines = [ex(0, pos_scores=[1.0], neg_scores=[0.0, 0.1, 0.2]), ex(1)]
+    ds = load(write(tmp_path / "mixed.jsonl", lines))
+    assert build_batch(ds, [0], 4, 0, 0).teacher_scores.shape == (1, 4)
+    with caplog.at_level(logging.WARNING, logger="m3embed.data"):
+        assert build_batch(ds, [0, 1], 4, 0, 0).teacher_scores is None
+    assert "mixed.jsonl: some examples have pos_scores" in caplog.text
