@@ -139,7 +139,7 @@ class M3Model(nn.Module):
             model.to(torch_dtype)
         if device is not None:
             model.to(device)
-        return model
+        return model.eval()  # as transformers does: inference mode until someone calls .train()
 
     def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
         """Write BGE-M3's layout: encoder + tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``."""
@@ -249,6 +249,12 @@ class M3Model(nn.Module):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
+        if not texts:
+            return {
+                "dense_vecs": np.zeros((0, self._dense_dim()), dtype=np.float32) if return_dense else None,
+                "lexical_weights": [] if return_sparse else None,
+                "colbert_vecs": [] if return_colbert_vecs else None,
+            }
         was_training = self.training
         self.eval()
         device = self.device
@@ -299,7 +305,7 @@ class M3Model(nn.Module):
         self.train(was_training)
 
         result: dict[str, Any] = {
-            "dense_vecs": _stack(dense_out, self._dense_dim()) if return_dense else None,
+            "dense_vecs": np.stack(dense_out) if return_dense else None,
             "lexical_weights": sparse_out if return_sparse else None,
             "colbert_vecs": colbert_out if return_colbert_vecs else None,
         }
@@ -426,12 +432,6 @@ def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, fl
     token_ids, weights = token_ids[order], weights[order]
     last = np.append(token_ids[1:] != token_ids[:-1], True)
     return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
-
-
-def _stack(rows: list[np.ndarray | None], dim: int) -> np.ndarray:
-    if not rows:
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.stack(rows)
 
 
 def _autocast(device: torch.device, use_fp16: bool, use_bf16: bool):
