@@ -1,0 +1,102 @@
+"""2 gloo processes × B/2 give the gradient of 1 process × B (DESIGN.md section 6)."""
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from m3embed.distributed import CrossDeviceGather, all_reduce_gradients
+from m3embed.losses import LossConfig
+from m3embed.step import train_step
+from m3embed.testing import sample_texts, tiny_model, tiny_tokenizer
+
+B, G, WORLD = 4, 3, 2
+QUERIES = sample_texts(B, seed=1, min_words=1, max_words=12)
+PASSAGES = sample_texts(B * G, seed=2, min_words=3, max_words=40)
+TEACHER = torch.randn(B, G, generator=torch.Generator().manual_seed(3))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def grads_of(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def step(model, queries, passages, teacher, strategy, gather=None):
+    loss = LossConfig(kd_loss_type="kl_div")
+    return train_step(
+        model,
+        queries,
+        passages,
+        G,
+        strategy=strategy,
+        sub_batch_size=3,
+        loss=loss,
+        teacher_scores=teacher,
+        gather=gather,
+    )
+
+
+def worker(rank, port, tok_dir, out_dir, strategy, fail_rank):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=20)
+    )
+    from transformers import AutoTokenizer
+
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model.train()
+    n = B // WORLD
+    queries = QUERIES[rank * n : (rank + 1) * n]
+    passages = PASSAGES[rank * n * G : (rank + 1) * n * G]
+    try:
+        if rank == fail_rank:
+            raise RuntimeError("injected failure")
+        parts = step(
+            model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, CrossDeviceGather()
+        )
+        all_reduce_gradients(model)
+        torch.save({"parts": parts, "grads": grads_of(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    except Exception as err:
+        raise RuntimeError(f"rank {rank} failed: {err}") from err
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("strategy", ["none", "checkpoint", "cache"])
+def test_two_processes_equal_one_process(tmp_path, tok_dir, strategy):
+    from transformers import AutoTokenizer
+
+    mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), strategy, -1), nprocs=WORLD, join=True)
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model.train()
+    ref_parts = step(model, QUERIES, PASSAGES, TEACHER, "none")
+    ref = grads_of(model)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, value in ref_parts.items():
+            assert got["parts"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        for name, grad in ref.items():
+            assert torch.allclose(got["grads"][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_failing_rank_ends_the_job_with_its_rank_named(tmp_path, tok_dir):
+    start = time.monotonic()
+    with pytest.raises(Exception, match="rank 1 failed: injected failure"):
+        mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), "cache", 1), nprocs=WORLD, join=True)
+    assert time.monotonic() - start < 60
