@@ -1,0 +1,220 @@
+"""Evaluate a model on a BEIR folder: encode the corpus, search in every mode, score with ``ir-measures``.
+
+Metrics: nDCG@10, Recall@100 and MRR@10 (``ir_measures``' ``nDCG@10``, ``R@100``, ``RR@10``), averaged
+over every query of the split's qrels; a query the run has no results for counts as 0 (``ir-measures``
+alone would leave it out of the mean). When the queries carry a ``lang`` field the same metrics are
+reported per language.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from m3embed.beir import BeirFolder, Document, read_corpus, read_qrels, read_queries
+from m3embed.index import IndexOptions, encode_corpus, model_name
+from m3embed.model import M3Model
+from m3embed.search import DEFAULT_WEIGHTS, MODES, Run, Searcher, SearchOptions
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("ndcg@10", "recall@100", "mrr@10")
+
+
+def _measures() -> dict[str, Any]:
+    from ir_measures import RR, R, nDCG
+
+    return {"ndcg@10": nDCG @ 10, "recall@100": R @ 100, "mrr@10": RR @ 10}
+
+
+def compute_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Run
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Mean and per-query nDCG@10, Recall@100, MRR@10 of ``run`` over every query in ``qrels``.
+
+    Returns ``(means, {query_id: {metric: value}})``; queries absent from the run score 0.
+    """
+    import ir_measures
+
+    measures = _measures()
+    by_measure = {m: name for name, m in measures.items()}
+    run_dict = {qid: {doc: float(score) for doc, score in hits} for qid, hits in run.items() if hits}
+    qrels_dict = {qid: dict(docs) for qid, docs in qrels.items()}
+    per_query = {qid: dict.fromkeys(METRIC_NAMES, 0.0) for qid in qrels_dict}
+    for metric in ir_measures.iter_calc(list(measures.values()), qrels_dict, run_dict):
+        if metric.query_id in per_query:
+            per_query[metric.query_id][by_measure[metric.measure]] = float(metric.value)
+    n = max(1, len(per_query))
+    means = {name: sum(q[name] for q in per_query.values()) / n for name in METRIC_NAMES}
+    return means, per_query
+
+
+def evaluate_beir(
+    model: M3Model,
+    folder: str | os.PathLike,
+    split: str = "test",
+    *,
+    query_max_length: int = 128,
+    passage_max_length: int = 512,
+    batch_size: int = 32,
+    max_docs: int | None = None,
+    modes: Sequence[str] = MODES,
+    weights: Sequence[float] = DEFAULT_WEIGHTS,
+    top_k: int = 100,
+    candidates: int = 100,
+    seed: int = 0,
+    index_dir: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    show_progress_bar: bool = False,
+    return_runs: bool = False,
+) -> dict[str, Any]:
+    """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
+
+    ``max_docs`` limits the corpus to every document relevant to an evaluated query plus a
+    deterministic (``seed``) random sample of the others, ``max_docs`` in total, for quick runs.
+    Modes the model cannot compute (no sparse or ColBERT head) are skipped and listed in
+    ``info["skipped_modes"]``. ``index_dir`` keeps the encoded corpus there (resumable); by default it
+    goes to a temporary folder.
+
+    Returns::
+
+        {
+          "dense": {"ndcg@10": float, "recall@100": float, "mrr@10": float},   # one key per mode run
+          ...,
+          "per_language": {mode: {lang: {"ndcg@10", "recall@100", "mrr@10", "queries"}}},  # {} if no lang
+          "info": {"modes", "skipped_modes", "queries", "documents", "corpus_documents", "weights", ...},
+          "runs": {mode: run},   # only with return_runs=True
+        }
+    """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    paths = BeirFolder.locate(folder, split)
+    qrels = read_qrels(paths.qrels)
+    all_queries = read_queries(paths.queries)
+    missing = [qid for qid in qrels if qid not in all_queries]
+    if missing:
+        logger.warning(
+            "%d query ids of %s are not in %s (first: %r); they are skipped",
+            len(missing),
+            paths.qrels,
+            paths.queries,
+            missing[0],
+        )
+        qrels = {qid: docs for qid, docs in qrels.items() if qid in all_queries}
+    queries = {qid: all_queries[qid] for qid in qrels}
+    if not queries:
+        raise ValueError(f"{paths.qrels}: no query of the qrels is in {paths.queries}")
+
+    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
+    keep, corpus_size = _select_documents(paths.corpus, relevant, max_docs, seed)
+    n_docs = corpus_size if keep is None else len(keep)
+    logger.info(
+        "evaluating %s on %d queries and %d of %d documents",
+        model_name(model) or "model",
+        len(queries),
+        n_docs,
+        corpus_size,
+    )
+
+    options = IndexOptions(max_length=passage_max_length, batch_size=batch_size, dtype=dtype)  # type: ignore[arg-type]
+    search_options = SearchOptions(
+        top_k=top_k,
+        candidates=candidates,
+        weights=tuple(weights),
+        query_max_length=query_max_length,
+        batch_size=batch_size,
+    )
+    with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
+        out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+        encode_corpus(model, _filtered(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
+        searcher = Searcher(out, model, search_options)
+        run_modes = [m for m in modes if m in searcher.modes]
+        skipped = [m for m in modes if m not in searcher.modes]
+        if skipped:
+            logger.info("skipping modes the model cannot compute: %s", ", ".join(skipped))
+        runs = searcher.search_modes({qid: q.text for qid, q in queries.items()}, run_modes)
+
+    result: dict[str, Any] = {}
+    per_language: dict[str, dict[str, dict[str, float]]] = {}
+    langs = sorted({q.lang for q in queries.values() if q.lang is not None})
+    for mode in run_modes:
+        means, per_query = compute_metrics(qrels, runs[mode])
+        result[mode] = means
+        if langs:
+            per_language[mode] = {}
+            for lang in langs:
+                rows = [per_query[qid] for qid, q in queries.items() if q.lang == lang]
+                per_language[mode][lang] = {
+                    **{name: sum(r[name] for r in rows) / len(rows) for name in METRIC_NAMES},
+                    "queries": len(rows),
+                }
+    result["per_language"] = per_language
+    result["info"] = {
+        "model": model_name(model),
+        "folder": str(folder),
+        "split": split,
+        "modes": run_modes,
+        "skipped_modes": skipped,
+        "queries": len(queries),
+        "documents": n_docs,
+        "corpus_documents": corpus_size,
+        "max_docs": max_docs,
+        "seed": seed,
+        "weights": list(search_options.weights),
+        "top_k": top_k,
+        "candidates": candidates,
+        "query_max_length": query_max_length,
+        "passage_max_length": passage_max_length,
+    }
+    if return_runs:
+        result["runs"] = runs
+    return result
+
+
+def _select_documents(
+    corpus: Path, relevant: set[str], max_docs: int | None, seed: int
+) -> tuple[set[str] | None, int]:
+    """Ids to keep (None = all) and the corpus size: the relevant ids plus a seeded sample of the rest."""
+    ids = [doc.id for doc in read_corpus(corpus)]  # validates the whole file before any encoding
+    if max_docs is None or max_docs >= len(ids):
+        return None, len(ids)
+    present = relevant.intersection(ids)
+    if len(present) >= max_docs:
+        logger.warning(
+            "max_docs=%d <= %d relevant documents: keeping only the relevant ones", max_docs, len(present)
+        )
+        return present, len(ids)
+    others = [i for i in ids if i not in present]
+    sample = random.Random(seed).sample(others, max_docs - len(present))
+    return present | set(sample), len(ids)
+
+
+def _filtered(corpus: Path, keep: set[str] | None) -> Iterator[Document]:
+    for doc in read_corpus(corpus):
+        if keep is None or doc.id in keep:
+            yield doc
+
+
+def markdown_report(result: Mapping[str, Any], metric: str = "ndcg@10") -> str:
+    """Two Markdown tables: every metric per mode, and ``metric`` per language and mode."""
+    modes = list(result["info"]["modes"])
+    lines = ["| mode | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---:|" * len(METRIC_NAMES)]
+    for mode in modes:
+        lines.append(f"| {mode} | " + " | ".join(f"{result[mode][m]:.3f}" for m in METRIC_NAMES) + " |")
+    per_language = result.get("per_language") or {}
+    if per_language:
+        langs = sorted(next(iter(per_language.values())))
+        lines += ["", f"{metric} per query language:", ""]
+        lines.append("| lang | queries | " + " | ".join(modes) + " |")
+        lines.append("|---|---:|" + "---:|" * len(modes))
+        for lang in langs:
+            n = per_language[modes[0]][lang]["queries"]
+            cells = " | ".join(f"{per_language[m][lang][metric]:.3f}" for m in modes)
+            lines.append(f"| {lang} | {n} | {cells} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,383 @@
+"""Corpus encoding to an on-disk index folder: sharded, streamed, resumable.
+
+Layout of an index folder::
+
+    manifest.json                 model (name + fingerprint + config), options, counts, finished shards
+    shard-00000/ids.json          document ids of the shard, in corpus order
+    shard-00000/dense.npy         (n, D) float16 or float32
+    shard-00000/sparse.npz        (n, vocab) scipy.sparse CSR, float32 lexical weights
+    shard-00000/colbert.npy       (tokens, C) all ColBERT vectors of the shard, packed
+    shard-00000/colbert_offsets.npy  (n + 1,) int64: document i owns rows offsets[i]:offsets[i+1]
+    shard-00001/...
+
+Shard ``k`` always holds documents ``[k·shard_size, (k+1)·shard_size)`` of the corpus, so a run that
+was interrupted resumes from its last finished shard: a shard is written to ``shard-0000k.tmp``,
+renamed when complete, and only then recorded in the manifest. Anything not in the manifest is redone.
+The corpus is read as a stream (one shard in memory); within a shard ``M3Model.encode`` sorts the
+texts by length so batches carry little padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from m3embed.beir import Document, read_corpus
+from m3embed.model import M3Model
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How a corpus is encoded; saved in the manifest (a resumed run must use the same options)."""
+
+    max_length: int = 512  # passage truncation, in tokens
+    batch_size: int = 32  # texts per encoder forward pass
+    shard_size: int = 10_000  # documents per shard (the unit of resuming; one shard is held in memory)
+    dtype: Literal["float32", "float16"] = "float32"  # storage type of dense and ColBERT vectors
+    dense: bool = True  # store dense vectors
+    sparse: bool = True  # store lexical weights (ignored, with a log line, if the model has no sparse head)
+    colbert: bool = True  # store ColBERT vectors (ignored, with a log line, if the model has no ColBERT head)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"IndexOptions.dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        for name in ("max_length", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"IndexOptions.{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.dense or self.sparse or self.colbert):
+            raise ValueError("IndexOptions: at least one of dense, sparse, colbert must be True")
+
+    def for_model(self, model: M3Model) -> IndexOptions:
+        """These options with the outputs the model cannot produce turned off."""
+        sparse = self.sparse and model.sparse_linear is not None
+        colbert = self.colbert and model.colbert_linear is not None
+        if self.sparse and not sparse:
+            logger.info("model has no sparse head: the index has no lexical weights")
+        if self.colbert and not colbert:
+            logger.info("model has no ColBERT head: the index has no ColBERT vectors")
+        return IndexOptions(**{**asdict(self), "sparse": sparse, "colbert": colbert})
+
+
+def model_fingerprint(model: M3Model) -> str:
+    """A short hash of the model's configuration and of a sample of every weight tensor.
+
+    Cheap (a few hundred values per tensor) yet different for any two differently trained models;
+    used to refuse searching an index with a model that did not build it. Weights M3Model never uses
+    (the Hugging Face pooler) are left out.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(model.config), sort_keys=True).encode())
+    for name, param in sorted(model.state_dict().items()):
+        if ".pooler." in f".{name}":
+            continue  # HF's pooler is unused by M3Model and freshly random when the checkpoint lacks it
+        flat = param.detach().reshape(-1)
+        sample = torch.cat([flat[:256], flat[-256:]]).float().cpu().numpy()
+        h.update(name.encode())
+        h.update(str(tuple(param.shape)).encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_name(model: M3Model) -> str:
+    """The path or Hub name the model was loaded from (empty for models built in memory)."""
+    return str(getattr(model.backbone.config, "_name_or_path", "") or "")
+
+
+def vocab_size(model: M3Model) -> int:
+    """Number of sparse matrix columns: every token id the tokenizer or the embeddings can produce."""
+    return max(len(model.tokenizer), int(getattr(model.backbone.config, "vocab_size", 0) or 0))
+
+
+# ---------------------------------------------------------------------- writing
+def encode_corpus(
+    model: M3Model,
+    corpus: str | os.PathLike | Iterable[Document],
+    out_dir: str | os.PathLike,
+    options: IndexOptions | None = None,
+    *,
+    resume: bool = True,
+    overwrite: bool = False,
+    show_progress_bar: bool = True,
+) -> Path:
+    """Encode a corpus into the index folder ``out_dir`` and return its path.
+
+    ``corpus`` is a corpus file (see :func:`m3embed.beir.read_corpus`) or an iterable of
+    :class:`~m3embed.beir.Document`. With ``resume`` (default) an existing unfinished index of the same
+    model, corpus and options continues after its last finished shard; a finished one is returned as
+    is. ``overwrite`` deletes an existing index first. An index of another model or other options is an
+    error (nothing is deleted unless ``overwrite``).
+    """
+    options = (options or IndexOptions()).for_model(model)
+    out = Path(out_dir)
+    corpus_info = _corpus_info(corpus)
+    fingerprint = model_fingerprint(model)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": {"name": model_name(model), "fingerprint": fingerprint, "config": asdict(model.config)},
+        "options": asdict(options),
+        "corpus": corpus_info,
+        "vocab_size": vocab_size(model),
+        "shards": [],
+        "counts": {"documents": 0, "colbert_vectors": 0},
+        "complete": False,
+    }
+    if (out / MANIFEST).exists():
+        if overwrite:
+            shutil.rmtree(out)
+        elif not resume:
+            raise FileExistsError(
+                f"{out}: an index already exists; pass overwrite=True (--overwrite) to replace it"
+            )
+        else:
+            manifest = _check_resumable(out, manifest)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out}: directory exists, is not empty and has no {MANIFEST}")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest["complete"]:
+        logger.info("%s is already complete (%d documents)", out, manifest["counts"]["documents"])
+        return out
+    _remove_unrecorded_shards(out, manifest)
+
+    done_shards = len(manifest["shards"])
+    done_docs = manifest["counts"]["documents"]
+    if done_shards:
+        logger.info("resuming %s after %d finished shards (%d documents)", out, done_shards, done_docs)
+    docs = _documents(corpus)
+    skipped = sum(1 for _ in islice(docs, done_docs))
+    if skipped != done_docs:
+        raise ValueError(f"{out}: the index has {done_docs} documents but the corpus now has only {skipped}")
+
+    total = corpus_info.get("documents")
+    bar = tqdm(
+        total=total, initial=done_docs, desc="Encoding corpus", unit="doc", disable=not show_progress_bar
+    )
+    shard_no = done_shards
+    while chunk := list(islice(docs, options.shard_size)):
+        name = f"shard-{shard_no:05d}"
+        n_vectors = _write_shard(model, chunk, out / name, options, manifest["vocab_size"])
+        manifest["shards"].append({"name": name, "documents": len(chunk), "colbert_vectors": n_vectors})
+        manifest["counts"]["documents"] += len(chunk)
+        manifest["counts"]["colbert_vectors"] += n_vectors
+        _write_manifest(out, manifest)
+        bar.update(len(chunk))
+        shard_no += 1
+    bar.close()
+    manifest["complete"] = True
+    _write_manifest(out, manifest)
+    logger.info("encoded %d documents into %s", manifest["counts"]["documents"], out)
+    return out
+
+
+def _documents(corpus: str | os.PathLike | Iterable[Document]) -> Iterator[Document]:
+    if isinstance(corpus, str | os.PathLike):
+        return read_corpus(corpus)
+    return iter(corpus)
+
+
+def _corpus_info(corpus: Any) -> dict[str, Any]:
+    if not isinstance(corpus, str | os.PathLike):
+        return {"path": None}
+    path = Path(corpus)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: corpus file not found")
+    with open(path, "rb") as f:
+        lines = sum(1 for line in f if line.strip()) if path.suffix != ".gz" else None
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "documents": lines}
+
+
+def _check_resumable(out: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """The existing manifest, if the run it records can be continued by this one; else an error."""
+    old = read_manifest(out)
+    problems = []
+    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+        problems.append(
+            f"model fingerprint {old['model']['fingerprint']} ({old['model']['name'] or 'unnamed'}) "
+            f"!= {new['model']['fingerprint']} ({new['model']['name'] or 'unnamed'})"
+        )
+    if old["options"] != new["options"]:
+        problems.append(f"options {old['options']} != {new['options']}")
+    for key in ("path", "bytes"):
+        if old["corpus"].get(key) != new["corpus"].get(key):
+            problems.append(f"corpus {key} {old['corpus'].get(key)} != {new['corpus'].get(key)}")
+    if problems:
+        raise ValueError(
+            f"{out}: cannot resume, the existing index was built differently: "
+            + "; ".join(problems)
+            + ". Pass overwrite=True (--overwrite) to rebuild it."
+        )
+    return old
+
+
+def _remove_unrecorded_shards(out: Path, manifest: dict[str, Any]) -> None:
+    recorded = {s["name"] for s in manifest["shards"]}
+    for path in out.glob("shard-*"):
+        if path.name not in recorded:
+            logger.info("removing unfinished shard %s", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _write_shard(model: M3Model, docs: list[Document], path: Path, options: IndexOptions, n_cols: int) -> int:
+    """Encode one shard into ``path`` (via ``path.tmp`` and a rename); return its ColBERT vector count."""
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    out = model.encode(
+        [d.text for d in docs],
+        batch_size=options.batch_size,
+        max_length=options.max_length,
+        return_dense=options.dense,
+        return_sparse=options.sparse,
+        return_colbert_vecs=options.colbert,
+        show_progress_bar=False,
+    )
+    (tmp / "ids.json").write_text(json.dumps([d.id for d in docs]))
+    if options.dense:
+        np.save(tmp / "dense.npy", out["dense_vecs"].astype(options.dtype))
+    if options.sparse:
+        sp.save_npz(tmp / "sparse.npz", lexical_weights_to_csr(out["lexical_weights"], n_cols))
+    n_vectors = 0
+    if options.colbert:
+        vecs = out["colbert_vecs"]
+        offsets = np.zeros(len(vecs) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(v) for v in vecs])
+        n_vectors = int(offsets[-1])
+        np.save(tmp / "colbert.npy", np.concatenate(vecs).astype(options.dtype))
+        np.save(tmp / "colbert_offsets.npy", offsets)
+    os.replace(tmp, path)
+    return n_vectors
+
+
+def lexical_weights_to_csr(weights: Sequence[dict[str, float]], n_cols: int) -> sp.csr_matrix:
+    """FlagEmbedding's lexical weights (``{str(token_id): weight}`` per text) as a CSR matrix.
+
+    Shapes: n dicts -> (n, n_cols) float32.
+    """
+    indptr = np.zeros(len(weights) + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum([len(w) for w in weights])
+    indices = np.fromiter((int(t) for w in weights for t in w), dtype=np.int64, count=int(indptr[-1]))
+    data = np.fromiter((v for w in weights for v in w.values()), dtype=np.float32, count=int(indptr[-1]))
+    if indices.size and indices.max() >= n_cols:
+        raise ValueError(f"token id {indices.max()} >= sparse matrix width {n_cols}")
+    matrix = sp.csr_matrix((data, indices, indptr), shape=(len(weights), n_cols))
+    matrix.sort_indices()
+    return matrix
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(index_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; is {index_dir} an index folder made by `m3embed encode`?"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+# ---------------------------------------------------------------------- reading
+class CorpusIndex:
+    """A finished index folder, loaded for search.
+
+    Dense vectors and lexical weights are loaded into memory (as float32 / CSR); ColBERT vectors stay
+    memory-mapped per shard and are read only for the candidates being reranked.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike) -> None:
+        self.path = Path(index_dir)
+        self.manifest = read_manifest(self.path)
+        if not self.manifest["complete"]:
+            raise ValueError(f"{self.path}: the index is unfinished; run `m3embed encode` again to resume it")
+        opts = self.manifest["options"]
+        shards = [self.path / s["name"] for s in self.manifest["shards"]]
+        self.ids: list[str] = [i for s in shards for i in json.loads((s / "ids.json").read_text())]
+        self.id_to_row = {doc_id: row for row, doc_id in enumerate(self.ids)}
+        n_cols = self.manifest["vocab_size"]
+
+        self.dense: np.ndarray | None = None  # (N, D) float32
+        if opts["dense"]:
+            self.dense = np.concatenate([np.load(s / "dense.npy") for s in shards]).astype(np.float32)
+        self.sparse: sp.csr_matrix | None = None  # (N, vocab) float32
+        if opts["sparse"]:
+            parts = [sp.load_npz(s / "sparse.npz") for s in shards]
+            self.sparse = (
+                sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, n_cols), dtype=np.float32)
+            )
+        self._colbert: list[np.ndarray] = []
+        self._colbert_shard = np.zeros(0, dtype=np.int64)
+        self._colbert_offsets = np.zeros((0, 2), dtype=np.int64)
+        if opts["colbert"]:
+            shard_of, spans = [], []
+            for k, s in enumerate(shards):
+                self._colbert.append(np.load(s / "colbert.npy", mmap_mode="r"))
+                offsets = np.load(s / "colbert_offsets.npy")
+                shard_of.append(np.full(len(offsets) - 1, k, dtype=np.int64))
+                spans.append(np.stack([offsets[:-1], offsets[1:]], axis=1))
+            if shards:
+                self._colbert_shard = np.concatenate(shard_of)
+                self._colbert_offsets = np.concatenate(spans)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.dense is not None
+
+    @property
+    def has_sparse(self) -> bool:
+        return self.sparse is not None
+
+    @property
+    def has_colbert(self) -> bool:
+        return bool(self.manifest["options"]["colbert"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["model"]["fingerprint"]
+
+    def colbert_vecs(self, row: int) -> np.ndarray:
+        """The ColBERT vectors of document ``row``. Shapes: -> (tokens, C) float32."""
+        start, stop = self._colbert_offsets[row]
+        return np.asarray(self._colbert[self._colbert_shard[row]][start:stop], dtype=np.float32)
+
+    def colbert_block(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """ColBERT vectors of several documents packed together, with offsets.
+
+        Shapes: len(rows) = n -> vectors (T, C) float32, offsets (n + 1,) int64.
+        """
+        parts = [self.colbert_vecs(r) for r in rows]
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(p) for p in parts])
+        dim = self._colbert[0].shape[1] if self._colbert else 0
+        vecs = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
+        return vecs, offsets

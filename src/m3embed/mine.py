@@ -1,0 +1,156 @@
+"""Hard-negative mining with the model itself (FlagEmbedding's ``hn_mine``, done with m3embed's index).
+
+For each training line: search the candidate corpus with the line's query, keep ranks
+``[from, to)`` of the results (0-based, like FlagEmbedding's ``range_for_sampling``), drop documents
+whose text is a positive of the line or the query itself, and sample ``negatives`` of the rest
+(seeded). When fewer remain, random corpus documents (not positives) fill up the list, as
+FlagEmbedding does. The line is written back with the new ``neg`` (and without ``neg_scores``, which
+described the old negatives); every other field is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from m3embed.beir import open_text, read_corpus
+from m3embed.index import IndexOptions, encode_corpus
+from m3embed.model import M3Model
+from m3embed.search import MODES, Searcher, SearchOptions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    """Where in the ranking negatives come from, how many, and how texts are encoded."""
+
+    rank_range: tuple[int, int] = (10, 100)  # 0-based ranks [from, to) sampled from (FlagEmbedding's 10-100)
+    negatives: int = 15  # negatives per line (FlagEmbedding's negative_number)
+    mode: str = "dense"  # retrieval mode used for ranking
+    query_max_length: int = 128
+    passage_max_length: int = 512
+    batch_size: int = 32
+    seed: int = 0  # seeds the sampling of negatives
+    queries_per_search: int = 1024  # lines searched at once (bounds memory on big training files)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.rank_range
+        if not 0 <= lo < hi:
+            raise ValueError(f"MineOptions.rank_range must be 0 <= from < to, got {self.rank_range}")
+        if self.negatives < 1:
+            raise ValueError(f"MineOptions.negatives must be >= 1, got {self.negatives}")
+        if self.mode not in MODES:
+            raise ValueError(f"MineOptions.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+
+
+def read_train_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream ``(line number, object)`` of a training JSONL, checking ``query`` and ``pos``."""
+    path = Path(path)
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
+            if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+                raise ValueError(f"{path}, line {lineno}: field 'query' must be a non-empty string")
+            pos = obj.get("pos")
+            if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
+                raise ValueError(f"{path}, line {lineno}: field 'pos' must be a non-empty list of strings")
+            yield lineno, obj
+
+
+def mine_hard_negatives(
+    model: M3Model,
+    train_path: str | os.PathLike,
+    corpus: str | os.PathLike,
+    out_path: str | os.PathLike,
+    options: MineOptions | None = None,
+    *,
+    index_dir: str | os.PathLike | None = None,
+    show_progress_bar: bool = False,
+) -> dict[str, int]:
+    """Write ``out_path``: the lines of ``train_path`` with negatives mined from ``corpus``.
+
+    Returns counts: ``{"lines", "padded"}`` (``padded`` = lines that needed random negatives).
+    """
+    options = options or MineOptions()
+    train_path, out_path = Path(train_path), Path(out_path)
+    if out_path.resolve() == train_path.resolve():
+        raise ValueError(f"{out_path}: output would overwrite the training file; choose another path")
+    texts = [doc.text for doc in read_corpus(corpus)]  # validates the corpus; texts for the output
+    if not texts:
+        raise ValueError(f"{corpus}: the corpus has no documents")
+    rng = random.Random(options.seed)
+    counts = {"lines": 0, "padded": 0}
+    with tempfile.TemporaryDirectory(prefix="m3embed-mine-") as tmp:
+        index = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+        index_options = IndexOptions(max_length=options.passage_max_length, batch_size=options.batch_size)
+        encode_corpus(model, corpus, index, index_options, show_progress_bar=show_progress_bar)
+        search_options = SearchOptions(
+            top_k=options.rank_range[1],
+            candidates=max(100, options.rank_range[1]),
+            query_max_length=options.query_max_length,
+            batch_size=options.batch_size,
+        )
+        searcher = Searcher(index, model, search_options)
+        row_of = searcher.index.id_to_row
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w", encoding="utf-8") as out:
+            batch: list[dict[str, Any]] = []
+            for _, obj in read_train_lines(train_path):
+                batch.append(obj)
+                if len(batch) == options.queries_per_search:
+                    _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+                    batch = []
+            if batch:
+                _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+    logger.info(
+        "mined negatives for %d lines (%d padded with random documents)", counts["lines"], counts["padded"]
+    )
+    return counts
+
+
+def _mine_batch(
+    searcher: Searcher,
+    batch: list[dict[str, Any]],
+    texts: list[str],
+    row_of: dict[str, int],
+    options: MineOptions,
+    rng: random.Random,
+    out: Any,
+    counts: dict[str, int],
+) -> None:
+    run = searcher.search([obj["query"] for obj in batch], options.mode)
+    lo, hi = options.rank_range
+    for i, obj in enumerate(batch):
+        exclude = set(obj["pos"]) | {obj["query"]}
+        ranked = [texts[row_of[doc_id]] for doc_id, _ in run[str(i)][lo:hi]]
+        pool = list(dict.fromkeys(t for t in ranked if t not in exclude))  # unique, rank order
+        negs = rng.sample(pool, options.negatives) if len(pool) > options.negatives else pool
+        if len(negs) < options.negatives:
+            counts["padded"] += 1
+            taken = set(negs)
+            for _ in range(20 * options.negatives):  # bounded: a tiny corpus may not have enough texts
+                if len(negs) == options.negatives:
+                    break
+                text = texts[rng.randrange(len(texts))]
+                if text not in exclude and text not in taken:
+                    negs.append(text)
+                    taken.add(text)
+        new = {k: v for k, v in obj.items() if k != "neg_scores"}
+        new["neg"] = negs
+        out.write(json.dumps(new, ensure_ascii=False) + "\n")
+        counts["lines"] += 1
