@@ -2,6 +2,7 @@
 
 from m3embed.model import M3Config, M3Model
 from m3embed.reps import M3Reps
+from m3embed.step import train_step
 
-__all__ = ["M3Config", "M3Model", "M3Reps"]
+__all__ = ["M3Config", "M3Model", "M3Reps", "train_step"]
 __version__ = "0.1.0"
