@@ -148,12 +148,7 @@ class Searcher:
         top_k: int | None = None,
     ) -> Run:
         """Top-k documents of each query in one mode: ``{query_id: [(doc_id, score), ...]}``."""
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if mode not in self.modes:
-            raise ValueError(
-                f"mode {mode!r} needs outputs this index does not have (it supports: {', '.join(self.modes)})"
-            )
+        self._check_mode(mode)
         enc = queries if isinstance(queries, EncodedQueries) else self.encode_queries(queries)
         top_k = top_k or self.options.top_k
         if mode == "dense":
@@ -161,7 +156,10 @@ class Searcher:
         elif mode == "sparse":
             rows_scores = self._sparse_topk(enc.sparse, top_k)
         else:
-            rows_scores = self._fused_topk(enc, mode, top_k)
+            rows_scores = self._fused_topk(enc, [mode], top_k)[mode]
+        return self._to_run(enc, rows_scores)
+
+    def _to_run(self, enc: EncodedQueries, rows_scores: list[tuple[np.ndarray, np.ndarray]]) -> Run:
         ids = self.index.ids
         return {
             qid: [(ids[r], float(s)) for r, s in zip(rows.tolist(), scores.tolist())]
@@ -174,9 +172,18 @@ class Searcher:
         modes: Sequence[str] | None = None,
         top_k: int | None = None,
     ) -> dict[str, Run]:
-        """Search in several modes with one query encoding: ``{mode: run}``."""
+        """Search in several modes with one query encoding and one candidate scoring: ``{mode: run}``."""
+        modes = list(modes or self.modes)
+        for mode in modes:
+            self._check_mode(mode)
         enc = self.encode_queries(queries)
-        return {m: self.search(enc, m, top_k) for m in (modes or self.modes)}
+        top_k = top_k or self.options.top_k
+        fused = [m for m in modes if m not in ("dense", "sparse")]
+        fused_runs = self._fused_topk(enc, fused, top_k) if fused else {}
+        return {
+            m: self._to_run(enc, fused_runs[m]) if m in fused_runs else self.search(enc, m, top_k)
+            for m in modes
+        }
 
     def exact_scores(self, enc: EncodedQueries, q: int, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Every mode's score of query ``q`` against documents ``rows`` (zeros for missing outputs).
@@ -201,6 +208,14 @@ class Searcher:
         }
 
     # ------------------------------------------------------------------ the modes
+    def _check_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+        if mode not in self.modes:
+            raise ValueError(
+                f"mode {mode!r} needs outputs this index does not have (it supports: {', '.join(self.modes)})"
+            )
+
     def _dense_topk(self, q: np.ndarray, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
         k = min(k, len(self.index))
         if k == 0:
@@ -248,19 +263,24 @@ class Searcher:
                 out.append(_sorted(rows, scores))
         return out
 
-    def _fused_topk(self, enc: EncodedQueries, mode: str, k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _fused_topk(
+        self, enc: EncodedQueries, modes: Sequence[str], k: int
+    ) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """Rerank the union of the dense and sparse top-N by exact scores, for several modes at once."""
         n = self.options.candidates
         dense = self._dense_topk(enc.dense, n) if enc.dense is not None else None
         sparse = self._sparse_topk(enc.sparse, n) if enc.sparse is not None else None
-        out = []
+        out: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {m: [] for m in modes}
         for q in range(len(enc.ids)):
             parts = [stage[q][0] for stage in (dense, sparse) if stage is not None]
             rows = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
-            scores = self.exact_scores(enc, q, rows)[mode]
-            if len(rows) > k:
-                top = np.argpartition(-scores, k - 1)[:k]
-                rows, scores = rows[top], scores[top]
-            out.append(_sorted(rows, scores))
+            exact = self.exact_scores(enc, q, rows)
+            for mode in modes:
+                scores, top_rows = exact[mode], rows
+                if len(rows) > k:
+                    top = np.argpartition(-scores, k - 1)[:k]
+                    top_rows, scores = rows[top], scores[top]
+                out[mode].append(_sorted(top_rows, scores))
         return out
 
     def _colbert_scores(self, q_vecs: np.ndarray, rows: np.ndarray) -> np.ndarray:
