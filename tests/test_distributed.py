@@ -10,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from m3embed.distributed import CrossDeviceGather, all_reduce_gradients
-from m3embed.losses import LossConfig
+from m3embed.losses import LossConfig, batch_scores, contrastive_loss, m3_loss
+from m3embed.scores import dense_scores
 from m3embed.step import train_step
 from m3embed.testing import sample_texts, tiny_model, tiny_tokenizer
 
@@ -45,7 +46,7 @@ def step(model, queries, passages, teacher, strategy, gather=None):
     )
 
 
-def worker(rank, port, tok_dir, out_dir, strategy, fail_rank):
+def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
         "gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=20)
@@ -60,9 +61,8 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank):
     try:
         if rank == fail_rank:
             raise RuntimeError("injected failure")
-        parts = step(
-            model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, CrossDeviceGather()
-        )
+        gather = CrossDeviceGather(negatives)
+        parts = step(model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, gather)
         all_reduce_gradients(model)
         torch.save({"parts": parts, "grads": grads_of(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception as err:
@@ -100,3 +100,36 @@ def test_a_failing_rank_ends_the_job_with_its_rank_named(tmp_path, tok_dir):
     with pytest.raises(Exception, match="rank 1 failed: injected failure"):
         mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), "cache", 1), nprocs=WORLD, join=True)
     assert time.monotonic() - start < 60
+
+
+def test_flagembedding_style_negatives_dense_global_rest_in_batch(tmp_path, tok_dir):
+    """negatives="dense": w_d·CE over the global batch + the mean over ranks of the in-batch rest."""
+    from transformers import AutoTokenizer
+
+    mp.spawn(
+        worker, args=(free_port(), tok_dir, str(tmp_path), "cache", -1, "dense"), nprocs=WORLD, join=True
+    )
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model.train()
+    cfg = LossConfig(kd_loss_type="kl_div")
+    n = B // WORLD
+    # each rank's texts encoded as that rank encodes them (same padding), so only the loss differs
+    qs = [model(**model.tokenize(QUERIES[r * n : (r + 1) * n], 512)) for r in range(WORLD)]
+    ps = [model(**model.tokenize(PASSAGES[r * n * G : (r + 1) * n * G], 512)) for r in range(WORLD)]
+    q_dense, p_dense = torch.cat([q.dense for q in qs]), torch.cat([p.dense for p in ps])
+    global_scores = dense_scores(q_dense, p_dense) / cfg.temperature
+    dense_global = contrastive_loss(global_scores, G, cfg, torch.softmax(TEACHER, -1))
+    total = 0
+    for r in range(WORLD):
+        # m3_loss is linear in its dense term: feeding W·dense to one rank's share and 0 to the others
+        # counts the global dense loss once and averages the in-batch rest over ranks.
+        dense_term = dense_global * (WORLD if r == 0 else 0)
+        local = m3_loss(batch_scores(qs[r], ps[r], cfg), G, cfg, 0, TEACHER[r * n : (r + 1) * n], dense_term)
+        total = total + local.loss / WORLD
+    total.backward()
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["parts"]["dense"] == pytest.approx(float(dense_global.detach()), rel=1e-5)
+        for name, param in model.named_parameters():
+            diff = (got["grads"][name] - param.grad).abs().max()
+            assert torch.allclose(got["grads"][name], param.grad, rtol=1e-4, atol=1e-6), (name, float(diff))

@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from m3embed.losses import LossConfig, LossOutput, batch_scores, contrastive_loss, m3_loss
 from m3embed.reps import M3Reps, pad_length
+from m3embed.scores import dense_scores
 
 logger = logging.getLogger(__name__)
 
@@ -104,27 +106,50 @@ def gather_reps(reps: M3Reps) -> M3Reps:
 
 
 class CrossDeviceGather:
-    """``gather(q, p, teacher)`` for :func:`m3embed.step.train_step`: turns a rank's batch into the
-    global one so every query sees every rank's passages as negatives.
+    """Cross-device negatives for :func:`m3embed.step.train_step` (``gather=CrossDeviceGather()``).
 
-    ``negatives="all"`` gathers dense, sparse and ColBERT (m3embed's default). FlagEmbedding gathers
-    only dense and keeps sparse/ColBERT in-batch; that variant is not implemented yet, so asking for
-    it raises rather than silently training something else.
+    ``negatives="all"`` (m3embed's default): dense, sparse and ColBERT representations are gathered and
+    every rank computes the loss of the global batch, so 2 processes × B/2 equal 1 process × B exactly.
+
+    ``negatives="dense"`` (FlagEmbedding's behaviour, for comparisons): only dense representations are
+    gathered; the dense contrastive term is over the global batch, sparse, ColBERT, the ensemble and
+    self-distillation stay in-batch. The objective is ``dense_global + mean over ranks of the in-batch
+    rest``; since gradients are summed over ranks, rank r backpropagates
+    ``(1/W)·m3_loss(local scores, dense term := W·dense_global)`` (m3_loss is linear in the dense term).
+    FlagEmbedding itself averages gradients with DDP, which scales its dense term by 1/W; we do not.
     """
 
-    def __init__(self, negatives: Literal["all"] = "all") -> None:
-        if negatives != "all":
-            raise NotImplementedError(
-                f"cross-device negatives={negatives!r}: only 'all' (dense, sparse and ColBERT) is available"
-            )
+    def __init__(self, negatives: Literal["all", "dense"] = "all") -> None:
+        if negatives not in ("all", "dense"):
+            raise ValueError(f"cross-device negatives must be 'all' or 'dense', got {negatives!r}")
         self.negatives = negatives
 
-    def __call__(
-        self, q: M3Reps, p: M3Reps, teacher: torch.Tensor | None
-    ) -> tuple[M3Reps, M3Reps, torch.Tensor | None]:
-        q_all, p_all = gather_reps(q), gather_reps(p)
+    def loss(
+        self,
+        q: M3Reps,
+        p: M3Reps,
+        teacher: torch.Tensor | None,
+        group_size: int,
+        config: LossConfig,
+        step: int,
+    ) -> LossOutput:
+        if self.negatives == "all":
+            q_all, p_all = gather_reps(q), gather_reps(p)
+            teacher_all = None if teacher is None else _gather_rows(teacher)
+            return m3_loss(batch_scores(q_all, p_all, config), group_size, config, step, teacher_all)
+
+        world = dist.get_world_size()
+        q_dense, p_dense = _gather_rows(q.dense), _gather_rows(p.dense)
         teacher_all = None if teacher is None else _gather_rows(teacher)
-        return q_all, p_all, teacher_all
+        global_scores = dense_scores(q_dense, p_dense) / config.temperature
+        dense_global = contrastive_loss(global_scores, group_size, config, _probs(teacher_all))
+        local = m3_loss(batch_scores(q, p, config), group_size, config, step, teacher, dense_global * world)
+        parts = dict(local.parts, dense=dense_global.detach())
+        return LossOutput(local.loss / world, parts)
+
+
+def _probs(teacher: torch.Tensor | None) -> torch.Tensor | None:
+    return None if teacher is None else torch.softmax(teacher, dim=-1)
 
 
 def all_reduce_gradients(model: torch.nn.Module, bucket_bytes: int = 2**25) -> None:

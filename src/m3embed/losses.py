@@ -158,8 +158,12 @@ def m3_loss(
     config: LossConfig,
     step: int = 0,
     teacher_scores: torch.Tensor | None = None,
+    dense_loss: torch.Tensor | None = None,
 ) -> LossOutput:
     """The unified fine-tuning loss of BGE-M3 from a batch's scores.
+
+    ``dense_loss``, when given, replaces the dense contrastive term (FlagEmbedding-style cross-device
+    training computes it over the global batch while everything else stays in-batch).
 
     Shapes: every score (Bq, Bq·G); teacher_scores (Bq, G) raw teacher scores or None.
     """
@@ -167,7 +171,7 @@ def m3_loss(
     teacher = None if teacher_scores is None else torch.softmax(teacher_scores.to(scores.dense), dim=-1)
 
     # (1) dense-only objective
-    dense = contrastive_loss(scores.dense, group_size, c, teacher)
+    dense = contrastive_loss(scores.dense, group_size, c, teacher) if dense_loss is None else dense_loss
     if c.heads == "dense":
         return LossOutput(dense, {"dense": dense.detach()})
 

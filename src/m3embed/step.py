@@ -11,14 +11,13 @@ from typing import Any, Literal
 
 import torch
 
+from m3embed.distributed import CrossDeviceGather
 from m3embed.losses import LossConfig, LossOutput, batch_scores, m3_loss
 from m3embed.memory import EncodeFn, MemoryConfig, TokenBatch, run_step
 from m3embed.model import M3Model
 from m3embed.reps import M3Reps
 
 TextsOrTokens = Sequence[str] | TokenBatch | Mapping[str, torch.Tensor]
-# Turns a rank's representations into the global batch's (see m3embed.distributed); identity otherwise.
-GatherFn = Callable[[M3Reps, M3Reps, torch.Tensor | None], tuple[M3Reps, M3Reps, torch.Tensor | None]]
 
 
 def train_step(
@@ -38,7 +37,7 @@ def train_step(
     passage_max_length: int = 512,
     autocast_dtype: torch.dtype | None = None,
     encoder: EncodeFn | None = None,
-    gather: GatherFn | None = None,
+    gather: CrossDeviceGather | None = None,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Encode B queries and B·G passages, compute the BGE-M3 loss, backpropagate.
@@ -71,10 +70,10 @@ def train_step(
         encode = _autocast(encode, device, autocast_dtype)
 
     def loss_fn(q: M3Reps, p: M3Reps) -> LossOutput:
-        local_teacher = teacher
+        q, p = _float(q), _float(p)
         if gather is not None:
-            q, p, local_teacher = gather(q, p, teacher)
-        return m3_loss(batch_scores(_float(q), _float(p), loss), group_size, loss, step, local_teacher)
+            return gather.loss(q, p, teacher, group_size, loss, step)
+        return m3_loss(batch_scores(q, p, loss), group_size, loss, step, teacher)
 
     def checkpointing(on: bool) -> None:
         model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
