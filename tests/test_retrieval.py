@@ -502,3 +502,18 @@ def test_cli_encode_search_eval_mine(xlmr_model, beir: Path, tmp_path: Path, cap
     capsys.readouterr()
     assert main(["search", str(index), str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_plain_text_corpus_and_tsv_queries(tmp_path: Path) -> None:
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("first document\n\nsecond document\n")
+    assert [(d.id, d.text) for d in read_corpus(corpus)] == [
+        ("1", "first document"),
+        ("3", "second document"),
+    ]
+    queries = tmp_path / "queries.tsv"
+    queries.write_text("q1\ta query\nq2\tanother\n")
+    assert read_queries(queries)["q2"].text == "another"
+    titled = tmp_path / "titled.jsonl"
+    _write_jsonl(titled, [{"_id": 7, "title": "Title", "text": "body"}])
+    assert list(read_corpus(titled))[0] == read_corpus.__globals__["Document"]("7", "Title body")

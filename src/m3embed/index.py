@@ -174,7 +174,7 @@ def encode_corpus(
     shard_no = done_shards
     while chunk := list(islice(docs, options.shard_size)):
         name = f"shard-{shard_no:05d}"
-        n_vectors = _write_shard(model, chunk, out / name, options, manifest["vocab_size"])
+        n_vectors = _write_shard(model, chunk, out / name, options, manifest["vocab_size"], show_progress_bar)
         manifest["shards"].append({"name": name, "documents": len(chunk), "colbert_vectors": n_vectors})
         manifest["counts"]["documents"] += len(chunk)
         manifest["counts"]["colbert_vectors"] += n_vectors
@@ -236,7 +236,14 @@ def _remove_unrecorded_shards(out: Path, manifest: dict[str, Any]) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _write_shard(model: M3Model, docs: list[Document], path: Path, options: IndexOptions, n_cols: int) -> int:
+def _write_shard(
+    model: M3Model,
+    docs: list[Document],
+    path: Path,
+    options: IndexOptions,
+    n_cols: int,
+    show_progress_bar: bool,
+) -> int:
     """Encode one shard into ``path`` (via ``path.tmp`` and a rename); return its ColBERT vector count."""
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
@@ -249,7 +256,7 @@ def _write_shard(model: M3Model, docs: list[Document], path: Path, options: Inde
         return_dense=options.dense,
         return_sparse=options.sparse,
         return_colbert_vecs=options.colbert,
-        show_progress_bar=False,
+        show_progress_bar=show_progress_bar and len(docs) > options.batch_size,  # progress within the shard
     )
     (tmp / "ids.json").write_text(json.dumps([d.id for d in docs]))
     if options.dense:
