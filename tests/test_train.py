@@ -1,0 +1,341 @@
+"""The training loop, checkpoints, resume and ``m3embed train`` (tiny models, tiny data, fast)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from m3embed import checkpoint as ckpt
+from m3embed.cli import main
+from m3embed.model import M3Model
+from m3embed.testing import sample_texts, tiny_model
+from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, train
+
+N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_lines(path, n=N_LINES, seed=0):
+    queries = sample_texts(n, seed=seed, min_words=2, max_words=8)
+    passages = sample_texts(n * 4, seed=seed + 1, min_words=5, max_words=30)
+    with open(path, "w") as f:
+        for i, q in enumerate(queries):
+            f.write(
+                json.dumps({"query": q, "pos": [passages[4 * i]], "neg": passages[4 * i + 1 : 4 * i + 4]})
+                + "\n"
+            )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("xlmr", dropout=0.1, seed=0).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_lines(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def run_config(model_dir, data_file, out, strategy="cache", **train_kw) -> RunConfig:
+    train_kw = {"max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 2, "progress_bar": False, **train_kw}
+    return RunConfig.from_dict(
+        {
+            "train": {"model_name_or_path": model_dir, "output_dir": str(out), **train_kw},
+            "data": {"train_data": data_file, "train_group_size": G, "batch_size": B},
+            "memory": {"strategy": strategy, "sub_batch_size": 3},
+            "loss": {"self_distill_start_step": 1},
+        }
+    )
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at(step_to_die):
+    def on_step(step, metrics):
+        if step == step_to_die:
+            raise Killed
+
+    return on_step
+
+
+def weights(path):
+    model = M3Model.from_pretrained(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def logged_losses(out):
+    lines = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    return [e["loss"] for e in lines if "loss" in e]
+
+
+# ---------------------------------------------------------------------- resume
+def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path, model_dir, data_file):
+    full = train(run_config(model_dir, data_file, tmp_path / "full"))
+    assert full.steps == 6 and len(full.losses) == 6
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(run_config(model_dir, data_file, out, save_steps=3), on_step=kill_at(4))  # dies after step 4
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-3"]
+    resumed = train(run_config(model_dir, data_file, out, save_steps=3, resume="latest"))
+    assert resumed.steps == 6 and len(resumed.losses) == 3  # steps 4..6 again, crossing into epoch 1
+
+    torch.testing.assert_close(logged_losses(out), full.losses, rtol=1e-5, atol=0)
+    torch.testing.assert_close(resumed.losses, full.losses[3:], rtol=1e-5, atol=0)
+    a, b = weights(full.checkpoint), weights(resumed.checkpoint)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_strategies_give_the_same_loss_curve(tmp_path, model_dir, data_file):
+    curves = {
+        s: train(run_config(model_dir, data_file, tmp_path / s, strategy=s, max_steps=3)).losses
+        for s in ("none", "checkpoint", "cache")
+    }
+    torch.testing.assert_close(curves["checkpoint"], curves["none"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(curves["cache"], curves["none"], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_loadable(
+    tmp_path, model_dir, data_file, monkeypatch
+):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def crashing_save(obj, path, *a, **kw):
+        if ".tmp-checkpoint-4" in str(path) and str(path).endswith(ckpt.SCHEDULER):
+            raise OSError("disk died")
+        return real_save(obj, path, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk died"):
+        train(run_config(model_dir, data_file, out, save_steps=2))
+    monkeypatch.undo()
+
+    assert (out / ".tmp-checkpoint-4").is_dir()  # the half-written one, never visible as checkpoint-4
+    assert (out / ckpt.LATEST).read_text().strip() == "checkpoint-2"
+    assert ckpt.find_checkpoint("latest", out).name == "checkpoint-2"
+    M3Model.from_pretrained(out / "checkpoint-2")
+    ckpt.load_training_state(out / "checkpoint-2")
+    resumed = train(run_config(model_dir, data_file, out, save_steps=2, resume="latest"))
+    assert resumed.steps == 6 and not (out / ".tmp-checkpoint-4").exists()
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    train(run_config(model_dir, data_file, out, max_steps=5, save_steps=1, save_total_limit=2))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-5"]
+    assert (out / ckpt.LATEST).read_text().strip() == "checkpoint-5"
+    saved = json.loads((out / "checkpoint-5" / ckpt.TRAIN_CONFIG).read_text())
+    assert RunConfig.from_dict(saved) == run_config(
+        model_dir, data_file, out, max_steps=5, save_steps=1, save_total_limit=2
+    )
+
+
+def test_freeze_encoder_trains_only_the_heads(tmp_path, model_dir, data_file):
+    result = train(run_config(model_dir, data_file, tmp_path / "run", max_steps=2, freeze_encoder=True))
+    before, after = weights(model_dir), weights(result.checkpoint)
+    assert all(
+        torch.equal(before[k], after[k]) for k in before if k.startswith("backbone.") and "pooler" not in k
+    )
+    assert not torch.equal(before["colbert_linear.weight"], after["colbert_linear.weight"])
+
+
+def test_step_metrics_are_logged(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    train(run_config(model_dir, data_file, out, max_steps=3))
+    entries = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert "distill_dense" not in entries[1] and "distill_dense" in entries[2]  # start step 1: from step 3
+    step = entries[2]
+    for key in (
+        "step",
+        "loss",
+        "dense",
+        "sparse",
+        "colbert",
+        "ensemble",
+        "distill_colbert",
+        "lr",
+        "grad_norm",
+    ):
+        assert key in step
+    assert step["queries_per_s"] > 0 and step["tokens_per_s"] > 0 and step["peak_rss_mb"] > 0
+    assert "summary" in entries[-1]
+
+
+def test_evaluation_during_training_reports_every_output(tmp_path, model_dir, data_file):
+    pytest.importorskip("ir_measures")
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = sample_texts(6, seed=5, min_words=4, max_words=20)
+    queries = sample_texts(2, seed=6, min_words=2, max_words=5)
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(docs))
+    )
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(queries))
+    )
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\t1\n")
+    result = train(
+        run_config(model_dir, data_file, tmp_path / "run", max_steps=2, eval_data=str(beir), eval_steps=1)
+    )
+    modes = {"dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense"}
+    assert set(result.eval_before) == modes and set(result.eval_after) == modes
+    evals = [json.loads(line) for line in (tmp_path / "run" / LOG_FILE).read_text().splitlines()]
+    assert [e["step"] for e in evals if "eval_ndcg@10" in e] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------- configs
+def test_train_config_errors_name_field_and_value():
+    with pytest.raises(ValueError, match=r"TrainConfig.learning_rate .* got -1"):
+        TrainConfig(learning_rate=-1)
+    with pytest.raises(ValueError, match=r"TrainConfig.max_steps .* got 0"):
+        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\] in section 'train'"):
+        RunConfig.from_dict({"train": {"lr": 1e-5}})
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['optim'\]"):
+        RunConfig.from_dict({"optim": {}})
+
+
+def test_config_round_trips_through_dict():
+    config = RunConfig.from_dict(demo_config())
+    assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_flags_override_the_config_file(tmp_path, capsys, data_file):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"train": {"learning_rate": 1e-5, "max_steps": 7}, "data": {"train_data": data_file}})
+    )
+    assert main(["train", "--config", str(cfg), "--lr", "3e-5", "--strategy", "none", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["learning_rate"] == 3e-5 and resolved["train"]["max_steps"] == 7
+    assert resolved["memory"]["strategy"] == "none" and resolved["data"]["train_data"] == [data_file]
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[train]\nmax_steps = 3\n[data]\ntrain_data = "{data_file}"\n')
+    assert main(["train", "--config", str(toml), "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["max_steps"] == 3
+
+
+def test_no_arguments_means_the_packaged_demo(capsys):
+    assert main(["train", "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["train_data"][0].endswith("demo_data/train.jsonl")
+    assert resolved["train"]["eval_data"].endswith("demo_data/dev")
+    assert resolved["memory"]["strategy"] == "cache" and resolved["train"]["pooling"] == "mean"
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    from m3embed.cli import _TRAIN_OPTIONS
+
+    for flags, section, key, kwargs in _TRAIN_OPTIONS:
+        assert flags[0] in text and f"[{section}.{key}" in text and kwargs["help"]
+
+
+# ---------------------------------------------------------------------- bad input through the CLI
+BAD_LINES = {
+    "not json": ("{broken\n", 3),
+    "no query": (json.dumps({"pos": ["a text"], "neg": ["b"]}) + "\n", 3),
+    "pos not a list": (json.dumps({"query": "q", "pos": "a text", "neg": ["b"]}) + "\n", 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, case):
+    body, line = BAD_LINES[case]
+    path = tmp_path / "train.jsonl"
+    write_lines(path, n=4)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2]) + body + "".join(lines[2:]))
+    out = tmp_path / "run"
+    # --model points nowhere: the data error must come first, before any model loading.
+    code = main(
+        ["train", "--train-data", str(path), "--model", str(tmp_path / "missing"), "--output-dir", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("m3embed train: error:") and "Traceback" not in err
+    assert f"line {line}" in err and str(path) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1"], "TrainConfig.learning_rate must be a number > 0, e.g. 2e-5, got -1.0"),
+        (["--group-size", "0"], "DataConfig.train_group_size must be an integer >= 1, got 0"),
+        (["--train-data", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
+        (["--resume"], "no checkpoint in"),
+    ],
+)
+def test_bad_settings_give_a_clean_error_and_exit_2(tmp_path, capsys, data_file, argv, message):
+    base = ["train", "--train-data", data_file, "--output-dir", str(tmp_path / "run")]
+    code = main(base + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_bad_config_files_give_a_clean_error(tmp_path, capsys):
+    cases = {
+        "typo.yaml": ("train:\n  learning_rat: 1e-5\n", "unknown key(s) ['learning_rat'] in section 'train'"),
+        "broken.yaml": ("train: [unclosed\n", "not valid YAML"),
+        "broken.toml": ("[train\n", "not valid TOML"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main(["train", "--config", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, name
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- checkpoints load elsewhere
+def test_cli_checkpoint_loads_in_m3embed_and_flagembedding(tmp_path, capsys, model_dir, data_file):
+    out = tmp_path / "run"
+    argv = ["train", "--model", model_dir, "--train-data", data_file, "--output-dir", str(out)]
+    argv += ["--group-size", str(G), "--batch-size", str(B), "--max-steps", "2", "--no-progress-bar"]
+    assert main(argv) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    path = out / "checkpoint-2"
+    assert (path / "model.safetensors").exists()
+    texts = sample_texts(3, seed=9)
+    ours = M3Model.from_pretrained(path).encode(texts, return_dense=True, return_sparse=False)["dense_vecs"]
+    try:
+        from m3embed.peers import load_flagembedding_m3
+
+        fe = load_flagembedding_m3()
+    except ImportError:
+        pytest.skip("FlagEmbedding not installed")
+    theirs = fe.M3Embedder(str(path), use_fp16=False, devices="cpu").encode(texts)["dense_vecs"]
+    torch.testing.assert_close(torch.as_tensor(theirs), torch.as_tensor(ours), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_refuses_a_different_world_size(tmp_path, model_dir, data_file):
+    out = tmp_path / "run"
+    result = train(run_config(model_dir, data_file, out, max_steps=1))
+    state = json.loads((result.checkpoint / ckpt.TRAINER_STATE).read_text())
+    state["world_size"] = 2
+    (result.checkpoint / ckpt.TRAINER_STATE).write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="saved with 2 process"):
+        train(run_config(model_dir, data_file, out, max_steps=2, resume=str(result.checkpoint)))
+    shutil.rmtree(out)
