@@ -240,6 +240,26 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         {"type": int, "help": "texts per encode batch during evaluation"},
     ),
     (
+        ("--eval-query-max-length",),
+        "train",
+        "eval_query_max_length",
+        {
+            "type": _optional_int,
+            "metavar": "TOKENS",
+            "help": "query truncation for --eval; unset = --query-max-length",
+        },
+    ),
+    (
+        ("--eval-passage-max-length",),
+        "train",
+        "eval_passage_max_length",
+        {
+            "type": _optional_int,
+            "metavar": "TOKENS",
+            "help": "passage truncation for --eval; unset = --passage-max-length",
+        },
+    ),
+    (
         ("--device",),
         "train",
         "device",

@@ -83,6 +83,8 @@ class TrainConfig:
     eval_split: str = "test"  # qrels/<split>.tsv of eval_data
     eval_max_docs: int | None = None  # relevant docs + a seeded sample of the rest, N in all
     eval_batch_size: int = 64  # texts per encode batch during evaluation
+    eval_query_max_length: int | None = None  # query truncation for evaluation; None = query_max_length
+    eval_passage_max_length: int | None = None  # passage truncation for evaluation; None = passage_max_length
     device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
     threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
     progress_bar: bool = True  # tqdm bar on rank 0 (loss, queries/s, tokens/s, peak memory)
@@ -110,6 +112,8 @@ class TrainConfig:
         _check_int(self, "eval_max_docs", self.eval_max_docs, 1, optional=True)
         _check_int(self, "eval_batch_size", self.eval_batch_size, 1)
         _check_int(self, "threads", self.threads, 1, optional=True)
+        _check_int(self, "eval_query_max_length", self.eval_query_max_length, 1, optional=True)
+        _check_int(self, "eval_passage_max_length", self.eval_passage_max_length, 1, optional=True)
         for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar"):
             _check(self, name, isinstance(getattr(self, name), bool), "true or false")
         for name in ("output_dir", "eval_split"):
@@ -559,8 +563,8 @@ def _evaluate(
                 model,
                 tc.eval_data,
                 tc.eval_split,
-                query_max_length=tc.query_max_length,
-                passage_max_length=tc.passage_max_length,
+                query_max_length=tc.eval_query_max_length or tc.query_max_length,
+                passage_max_length=tc.eval_passage_max_length or tc.passage_max_length,
                 batch_size=tc.eval_batch_size,
                 max_docs=tc.eval_max_docs,
             )
