@@ -266,6 +266,16 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         {"help": "torch device (cpu, cuda, cuda:1); unset = the local rank's GPU when available, else cpu"},
     ),
     (
+        ("--dist-timeout-s",),
+        "train",
+        "dist_timeout_s",
+        {
+            "type": float,
+            "metavar": "SECONDS",
+            "help": "longest a process waits for the others under torchrun (rank 0 evaluates and saves while the others wait)",
+        },
+    ),
+    (
         ("--threads",),
         "train",
         "threads",
@@ -417,8 +427,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:  # under torchrun, rank 0 speaks for the job
+        logging.getLogger().setLevel(logging.WARNING)
     result = train(config)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(format_summary(result))
     return 0
 

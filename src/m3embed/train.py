@@ -86,6 +86,8 @@ class TrainConfig:
     eval_query_max_length: int | None = None  # query truncation for evaluation; None = query_max_length
     eval_passage_max_length: int | None = None  # passage truncation for evaluation; None = passage_max_length
     device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
+    # Longest a rank waits for the others (rank 0 evaluates and saves while the others wait), seconds.
+    dist_timeout_s: float = 1800.0
     threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
     progress_bar: bool = True  # tqdm bar on rank 0 (loss, queries/s, tokens/s, peak memory)
 
@@ -112,6 +114,7 @@ class TrainConfig:
         _check_int(self, "eval_max_docs", self.eval_max_docs, 1, optional=True)
         _check_int(self, "eval_batch_size", self.eval_batch_size, 1)
         _check_int(self, "threads", self.threads, 1, optional=True)
+        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "a number of seconds > 0")
         _check_int(self, "eval_query_max_length", self.eval_query_max_length, 1, optional=True)
         _check_int(self, "eval_passage_max_length", self.eval_passage_max_length, 1, optional=True)
         for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar"):
@@ -150,6 +153,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.freeze_encoder and self.loss.heads == "dense":
+            raise ValueError(
+                "train.freeze_encoder=true with loss.heads='dense' leaves nothing to train (the dense output "
+                "has no head); unfreeze the encoder or use heads='all'"
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain JSON/YAML-ready sections; ``from_dict(to_dict())`` gives the same config."""
@@ -289,7 +299,7 @@ def train(config: RunConfig, *, on_step: StepCallback | None = None) -> TrainRes
     """
     tc, dc = config.train, config.data
     created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    info = distributed.init_from_env()
+    info = distributed.init_from_env(timeout_s=config.train.dist_timeout_s)
     try:
         return _train(config, tc, dc, info, on_step)
     finally:
@@ -353,7 +363,7 @@ def _train(
         logger.info("resumed from %s at step %d of %d", resume_from, step, total_steps)
 
     log = _JsonlLog(Path(tc.output_dir) / LOG_FILE, truncate_after=step) if info.is_main else None
-    eval_before = None
+    eval_before = log.eval_at(0) if log is not None else None  # kept from before the interruption
     if tc.eval_data and tc.eval_at_start and resume_from is None:
         eval_before = _evaluate(model, tc, info, step, log)
 
@@ -601,15 +611,17 @@ class _JsonlLog:
     def __init__(self, path: Path, truncate_after: int) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after == 0:
-            path.write_text("")
-        elif path.exists():
-            kept = []
+        self.kept: list[dict[str, Any]] = []
+        if truncate_after > 0 and path.exists():
             for line in path.read_text().splitlines():
                 entry = json.loads(line) if line.strip() else {}
                 if "step" in entry and entry["step"] <= truncate_after:
-                    kept.append(line)
-            path.write_text("".join(k + "\n" for k in kept))
+                    self.kept.append(entry)
+        path.write_text("".join(json.dumps(e) + "\n" for e in self.kept))
+
+    def eval_at(self, step: int) -> dict[str, float] | None:
+        found = [e["eval_ndcg@10"] for e in self.kept if e.get("step") == step and "eval_ndcg@10" in e]
+        return found[-1] if found else None
 
     def write(self, entry: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:
