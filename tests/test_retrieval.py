@@ -517,3 +517,10 @@ def test_plain_text_corpus_and_tsv_queries(tmp_path: Path) -> None:
     titled = tmp_path / "titled.jsonl"
     _write_jsonl(titled, [{"_id": 7, "title": "Title", "text": "body"}])
     assert list(read_corpus(titled))[0] == read_corpus.__globals__["Document"]("7", "Title body")
+
+
+def test_evaluate_beir_encodes_only_what_the_modes_need(xlmr_model, beir: Path, tmp_path: Path) -> None:
+    result = evaluate_beir(xlmr_model, beir, modes=("dense",), index_dir=tmp_path / "eval_index")
+    assert result["info"]["modes"] == ["dense"] and result["info"]["skipped_modes"] == []
+    options = CorpusIndex(tmp_path / "eval_index").manifest["options"]
+    assert (options["dense"], options["sparse"], options["colbert"]) == (True, False, False)

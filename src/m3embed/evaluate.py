@@ -78,7 +78,8 @@ def evaluate_beir(
     ``max_docs`` limits the corpus to every document relevant to an evaluated query plus a
     deterministic (``seed``) random sample of the others, ``max_docs`` in total, for quick runs.
     Modes the model cannot compute (no sparse or ColBERT head) are skipped and listed in
-    ``info["skipped_modes"]``. ``index_dir`` keeps the encoded corpus there (resumable); by default it
+    ``info["skipped_modes"]``. Only the outputs the requested modes need are encoded and stored (for
+    ``modes=("colbert",)`` the ColBERT candidates then come from the dense top-N alone). ``index_dir`` keeps the encoded corpus there (resumable); by default it
     goes to a temporary folder.
 
     Returns::
@@ -122,7 +123,15 @@ def evaluate_beir(
         corpus_size,
     )
 
-    options = IndexOptions(max_length=passage_max_length, batch_size=batch_size, dtype=dtype)  # type: ignore[arg-type]
+    # store only the outputs the requested modes read (ColBERT vectors are by far the largest)
+    options = IndexOptions(
+        max_length=passage_max_length,
+        batch_size=batch_size,
+        dtype=dtype,  # type: ignore[arg-type]
+        dense=any(m != "sparse" for m in modes),
+        sparse=any("sparse" in m for m in modes),
+        colbert=any("colbert" in m for m in modes),
+    )
     search_options = SearchOptions(
         top_k=top_k,
         candidates=candidates,
