@@ -12,6 +12,7 @@ from m3embed.cli import main
 from m3embed.model import M3Model
 from m3embed.testing import sample_texts, tiny_model
 from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, train
+from test_data import BAD_LINES, ex, write  # the data layer's bad-line cases, reused end to end
 
 N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
 
@@ -252,20 +253,11 @@ def test_help_explains_every_option(capsys):
 
 
 # ---------------------------------------------------------------------- bad input through the CLI
-BAD_LINES = {
-    "not json": ("{broken\n", 3),
-    "no query": (json.dumps({"pos": ["a text"], "neg": ["b"]}) + "\n", 3),
-    "pos not a list": (json.dumps({"query": "q", "pos": "a text", "neg": ["b"]}) + "\n", 3),
-}
-
-
-@pytest.mark.parametrize("case", sorted(BAD_LINES))
-def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, case):
-    body, line = BAD_LINES[case]
-    path = tmp_path / "train.jsonl"
-    write_lines(path, n=4)
-    lines = path.read_text().splitlines(keepends=True)
-    path.write_text("".join(lines[:2]) + body + "".join(lines[2:]))
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize(("case", "bad", "field"), BAD_LINES, ids=[c[0] for c in BAD_LINES])
+def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, suffix, case, bad, field):
+    """Every bad-line case of the data layer, through ``m3embed train``: one clean line, exit 2."""
+    path = write(tmp_path / f"train{suffix}", [ex(0), "", bad, ex(1)])  # line 3 is bad
     out = tmp_path / "run"
     # --model points nowhere: the data error must come first, before any model loading.
     code = main(
@@ -273,9 +265,24 @@ def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, c
     )
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("m3embed train: error:") and "Traceback" not in err
-    assert f"line {line}" in err and str(path) in err
+    assert err.startswith(f"m3embed train: error: {path}, line 3") and "Traceback" not in err
+    assert err.count("\n") == 1 and (field is None or repr(field) in err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: d / "missing.jsonl", "does not exist"),
+        (lambda d: (d / "x.txt").write_text("{}") and d / "x.txt", "does not end in"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "has no .jsonl"),
+    ],
+    ids=["missing", "suffix", "empty_folder"],
+)
+def test_bad_training_paths_give_exit_2(tmp_path, capsys, make, match):
+    code = main(["train", "--train-data", str(make(tmp_path)), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -283,7 +290,6 @@ def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, c
     [
         (["--lr", "-1"], "TrainConfig.learning_rate must be a number > 0, e.g. 2e-5, got -1.0"),
         (["--group-size", "0"], "DataConfig.train_group_size must be an integer >= 1, got 0"),
-        (["--train-data", "/nonexistent/train.jsonl"], "/nonexistent/train.jsonl"),
         (["--resume"], "no checkpoint in"),
     ],
 )
