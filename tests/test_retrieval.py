@@ -524,3 +524,22 @@ def test_evaluate_beir_encodes_only_what_the_modes_need(xlmr_model, beir: Path, 
     assert result["info"]["modes"] == ["dense"] and result["info"]["skipped_modes"] == []
     options = CorpusIndex(tmp_path / "eval_index").manifest["options"]
     assert (options["dense"], options["sparse"], options["colbert"]) == (True, False, False)
+
+
+def test_cli_model_without_head_files_encodes_then_searches(xlmr_model, beir: Path, tmp_path: Path) -> None:
+    model_dir = tmp_path / "no_heads"
+    xlmr_model.save_pretrained(model_dir)
+    for name in ("colbert_linear.pt", "sparse_linear.pt"):
+        (model_dir / name).unlink()  # like all-MiniLM-L6-v2: heads are initialised at load time
+    index = tmp_path / "index"
+    assert main(["encode", str(model_dir), str(beir / "corpus.jsonl"), str(index), "--no-progress"]) == 0
+    args = [
+        "search",
+        str(index),
+        str(beir / "queries.jsonl"),
+        "--mode",
+        "colbert",
+        "--output",
+        str(tmp_path / "r"),
+    ]
+    assert main(args) == 0  # the seeded heads give the same fingerprint at search time

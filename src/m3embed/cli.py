@@ -561,6 +561,9 @@ def _load_model(path: str, args: argparse.Namespace, config: dict | None = None)
     if args.pooling:
         overrides["pooling"] = args.pooling
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Heads missing from the directory are initialised randomly: seed them so that `encode` and a later
+    # `search` load the same model (same fingerprint) and `eval` numbers are reproducible.
+    torch.manual_seed(0)
     return M3Model.from_pretrained(path, device=device, **overrides)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -141,13 +142,16 @@ def evaluate_beir(
     )
     with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
         out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+        started = time.perf_counter()
         encode_corpus(model, _filtered(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
+        encoded = time.perf_counter()
         searcher = Searcher(out, model, search_options)
         run_modes = [m for m in modes if m in searcher.modes]
         skipped = [m for m in modes if m not in searcher.modes]
         if skipped:
             logger.info("skipping modes the model cannot compute: %s", ", ".join(skipped))
         runs = searcher.search_modes({qid: q.text for qid, q in queries.items()}, run_modes)
+        searched = time.perf_counter()
 
     result: dict[str, Any] = {}
     per_language: dict[str, dict[str, dict[str, float]]] = {}
@@ -180,6 +184,8 @@ def evaluate_beir(
         "candidates": candidates,
         "query_max_length": query_max_length,
         "passage_max_length": passage_max_length,
+        "encode_seconds": round(encoded - started, 1),  # corpus (0 when index_dir already held it)
+        "search_seconds": round(searched - encoded, 1),  # query encoding + every mode's search
     }
     if return_runs:
         result["runs"] = runs
