@@ -202,8 +202,8 @@ def _cached_step(encode, loss_fn, queries, passages, q_plan, p_plan, no_sync) ->
     # Step (2): the loss on the detached representations; backward stops at them (the cache).
     out = loss_fn(q, p)
     out.loss.backward()
-    grads = split_like(_grads_of(q), q_plan, [len_of(queries, r) for r in q_plan]) + split_like(
-        _grads_of(p), p_plan, [len_of(passages, r) for r in p_plan]
+    grads = split_like(_grads_of(q), q_plan, [_longest(queries, r) for r in q_plan]) + split_like(
+        _grads_of(p), p_plan, [_longest(passages, r) for r in p_plan]
     )
     del q, p
 
@@ -218,7 +218,7 @@ def _cached_step(encode, loss_fn, queries, passages, q_plan, p_plan, no_sync) ->
     return LossOutput(out.loss.detach(), out.parts)
 
 
-def len_of(batch: TokenBatch, rows: torch.Tensor) -> int:
+def _longest(batch: TokenBatch, rows: torch.Tensor) -> int:
     return int(batch.attention_mask[rows].sum(1).max())
 
 
