@@ -43,8 +43,6 @@ def tiny_tokenizer(kind: Literal["xlmr", "bert"] = "xlmr", vocab_size: int = 400
 
     corpus = SAMPLE_TEXT.splitlines() * 4
     if kind == "xlmr":
-        from transformers import XLMRobertaTokenizerFast
-
         specials = ["<s>", "<pad>", "</s>", "<unk>"]
         tok = Tokenizer(models.Unigram())
         tok.normalizer = normalizers.NFKC()
@@ -53,20 +51,7 @@ def tiny_tokenizer(kind: Literal["xlmr", "bert"] = "xlmr", vocab_size: int = 400
         tok.train_from_iterator(
             corpus, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
         )
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-        )
-        return XLMRobertaTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<s>",
-            eos_token="</s>",
-            sep_token="</s>",
-            cls_token="<s>",
-            unk_token="<unk>",
-            pad_token="<pad>",
-            mask_token="<unk>",
-            model_max_length=512,
-        )
+        return _xlmr_tokenizer(tok)
     if kind == "bert":
         from transformers import BertTokenizerFast
 
@@ -101,13 +86,20 @@ def wide_vocab_tokenizer(vocab_size: int = 250_002):
 
     Words are ``w<k>``; :func:`wide_vocab_texts` draws texts whose ids are spread over the whole range.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import XLMRobertaTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({f"w{k}": k for k in range(4, vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _xlmr_tokenizer(tok)
+
+
+def _xlmr_tokenizer(tok):
+    """Wrap a ``tokenizers.Tokenizer`` whose ids 0-3 are <s>, <pad>, </s>, <unk> as XLM-RoBERTa's does."""
+    from tokenizers import processors
+    from transformers import XLMRobertaTokenizerFast
+
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
     )
