@@ -220,3 +220,24 @@ def test_mean_pooling_is_the_masked_mean(xlmr_tokenizer):
     with torch.no_grad():
         h = model.backbone(**enc).last_hidden_state[0]
     np.testing.assert_allclose(out["dense_vecs"][1], h.mean(0).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_retries_with_smaller_batches(xlmr_model, caplog):
+    expected = xlmr_model.encode(TEXTS, batch_size=8, return_colbert_vecs=True)
+    real_forward = xlmr_model.forward
+    seen = []
+
+    def forward_that_fits_three(input_ids, attention_mask):
+        seen.append(input_ids.shape[0])
+        if input_ids.shape[0] > 3:
+            raise torch.OutOfMemoryError("simulated")
+        return real_forward(input_ids, attention_mask)
+
+    xlmr_model.forward = forward_that_fits_three
+    with caplog.at_level(logging.WARNING, logger="m3embed.model"):
+        got = xlmr_model.encode(TEXTS, batch_size=8, return_colbert_vecs=True)
+    assert seen[:3] == [8, 6, 4] and max(seen[3:]) == 3  # FlagEmbedding's 3/4 back-off
+    assert "retrying with batch_size=6" in caplog.text
+    np.testing.assert_allclose(got["dense_vecs"], expected["dense_vecs"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(got["colbert_vecs"], expected["colbert_vecs"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
