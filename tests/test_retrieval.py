@@ -543,3 +543,14 @@ def test_cli_model_without_head_files_encodes_then_searches(xlmr_model, beir: Pa
         str(tmp_path / "r"),
     ]
     assert main(args) == 0  # the seeded heads give the same fingerprint at search time
+
+
+def test_flagembedding_m3_loads_without_its_package_init() -> None:
+    from m3embed.peers import load_flagembedding_m3
+
+    try:
+        module = load_flagembedding_m3()
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        pytest.skip(f"FlagEmbedding not importable: {err}")
+    assert hasattr(module, "M3Embedder")
+    assert load_flagembedding_m3() is module
