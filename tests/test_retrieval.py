@@ -27,9 +27,10 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.fixture
-def beir(tmp_path: Path) -> Path:
-    folder = tmp_path / "beir"
+@pytest.fixture(scope="module")
+def beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BEIR folder (read-only for the tests): 40 documents, 6 queries in 2 languages."""
+    folder = tmp_path_factory.mktemp("beir")
     (folder / "qrels").mkdir(parents=True)
     docs = sample_texts(N_DOCS, seed=1)
     _write_jsonl(
@@ -54,18 +55,13 @@ def _query_texts(beir: Path) -> dict[str, str]:
     return {qid: q.text for qid, q in read_queries(beir / "queries.jsonl").items()}
 
 
-@pytest.fixture
-def searcher(xlmr_model, beir: Path, tmp_path: Path) -> Searcher:
-    encode_corpus(
-        xlmr_model,
-        beir / "corpus.jsonl",
-        tmp_path / "index",
-        IndexOptions(shard_size=16),
-        show_progress_bar=False,
-    )
-    return Searcher(
-        tmp_path / "index", xlmr_model, SearchOptions(top_k=10, candidates=N_DOCS, weights=WEIGHTS)
-    )
+@pytest.fixture(scope="module")
+def searcher(xlmr_tokenizer, beir: Path, tmp_path_factory: pytest.TempPathFactory) -> Searcher:
+    """The tiny BEIR corpus encoded once (3 shards) by a tiny model; candidates = the whole corpus."""
+    model = tiny_model("xlmr", tokenizer=xlmr_tokenizer)
+    index = tmp_path_factory.mktemp("index")
+    encode_corpus(model, beir / "corpus.jsonl", index, IndexOptions(shard_size=16), show_progress_bar=False)
+    return Searcher(index, model, SearchOptions(top_k=10, candidates=N_DOCS, weights=WEIGHTS))
 
 
 def _brute_force(model, queries: dict[str, str], docs: list[str]) -> dict[str, np.ndarray]:
@@ -76,9 +72,9 @@ def _brute_force(model, queries: dict[str, str], docs: list[str]) -> dict[str, n
 
 
 # ---------------------------------------------------------------------- search = brute force
-def test_every_mode_equals_brute_force_compute_score(xlmr_model, searcher: Searcher, beir: Path) -> None:
+def test_every_mode_equals_brute_force_compute_score(searcher: Searcher, beir: Path) -> None:
     queries = _query_texts(beir)
-    brute = _brute_force(xlmr_model, queries, _corpus_texts(beir))
+    brute = _brute_force(searcher.model, queries, _corpus_texts(beir))
     assert searcher.modes == MODES
     runs = searcher.search_modes(queries)
     for mode in MODES:
@@ -95,10 +91,10 @@ def test_every_mode_equals_brute_force_compute_score(xlmr_model, searcher: Searc
                 assert score == pytest.approx(brute[mode][qi][int(doc_id[1:])], abs=1e-5), mode
 
 
-def test_numpy_dense_search_equals_faiss(xlmr_model, searcher: Searcher, beir: Path) -> None:
+def test_numpy_dense_search_equals_faiss(searcher: Searcher, beir: Path) -> None:
     queries = _query_texts(beir)
     with_faiss = searcher.search(queries, "dense")
-    exact = Searcher(searcher.index, xlmr_model, SearchOptions(top_k=10, use_faiss=False)).search(
+    exact = Searcher(searcher.index, searcher.model, SearchOptions(top_k=10, use_faiss=False)).search(
         queries, "dense"
     )
     for qid in queries:
@@ -110,9 +106,9 @@ def test_numpy_dense_search_equals_faiss(xlmr_model, searcher: Searcher, beir: P
                 assert score == pytest.approx(exact_scores[doc_id], abs=1e-5)
 
 
-def test_fusion_is_the_documented_weighted_mean(xlmr_model, searcher: Searcher, beir: Path) -> None:
+def test_fusion_is_the_documented_weighted_mean(searcher: Searcher, beir: Path) -> None:
     w_d, w_s, w_c = 1.0, 2.0, 3.0
-    custom = Searcher(searcher.index, xlmr_model, SearchOptions(weights=(w_d, w_s, w_c)))
+    custom = Searcher(searcher.index, searcher.model, SearchOptions(weights=(w_d, w_s, w_c)))
     enc = custom.encode_queries(_query_texts(beir))
     rows = np.arange(N_DOCS)
     s = custom.exact_scores(enc, 0, rows)
@@ -129,10 +125,8 @@ def test_fusion_is_the_documented_weighted_mean(xlmr_model, searcher: Searcher, 
     np.testing.assert_allclose([x for _, x in run[enc.ids[0]]], best, atol=1e-6)
 
 
-def test_hybrid_candidates_are_the_union_of_dense_and_sparse_top_n(
-    xlmr_model, searcher: Searcher, beir: Path
-) -> None:
-    narrow = Searcher(searcher.index, xlmr_model, SearchOptions(top_k=50, candidates=3))
+def test_hybrid_candidates_are_the_union_of_dense_and_sparse_top_n(searcher: Searcher, beir: Path) -> None:
+    narrow = Searcher(searcher.index, searcher.model, SearchOptions(top_k=50, candidates=3))
     enc = narrow.encode_queries(_query_texts(beir))
     dense, sparse = narrow.search(enc, "dense", top_k=3), narrow.search(enc, "sparse", top_k=3)
     for mode in ("colbert", "sparse+dense", "colbert+sparse+dense"):
