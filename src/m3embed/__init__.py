@@ -4,5 +4,24 @@ from m3embed.model import M3Config, M3Model
 from m3embed.reps import M3Reps
 from m3embed.step import train_step
 
-__all__ = ["M3Config", "M3Model", "M3Reps", "train_step"]
+# Retrieval needs the `search` extra (scipy, faiss-cpu, ir-measures): imported on first use only.
+_LAZY = {
+    "encode_corpus": "m3embed.index",
+    "IndexOptions": "m3embed.index",
+    "Searcher": "m3embed.search",
+    "SearchOptions": "m3embed.search",
+    "evaluate_beir": "m3embed.evaluate",
+    "mine_hard_negatives": "m3embed.mine",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'm3embed' has no attribute {name!r}")
+
+
+__all__ = ["M3Config", "M3Model", "M3Reps", "train_step", *_LAZY]
 __version__ = "0.1.0"
