@@ -582,7 +582,16 @@ def _evaluate(
         scores = {mode: result[mode]["ndcg@10"] for mode in result["info"]["modes"]}
         logger.info("step %d eval nDCG@10: %s", step, ", ".join(f"{m} {v:.4f}" for m, v in scores.items()))
         if log is not None:
-            log.write({"step": step, "eval_ndcg@10": scores, "eval_info": result["info"]})
+            full = {mode: result[mode] for mode in result["info"]["modes"]}  # every metric, for the record
+            log.write(
+                {
+                    "step": step,
+                    "eval_ndcg@10": scores,
+                    "eval": full,
+                    "eval_per_language": result.get("per_language", {}),
+                    "eval_info": result["info"],
+                }
+            )
     if info.enabled:
         torch.distributed.barrier()
     return scores
