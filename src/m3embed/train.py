@@ -274,7 +274,10 @@ class TrainResult:
     losses: list[float]  # this process's loss per step run here (after a resume: from there on)
     eval_before: dict[str, float] | None  # nDCG@10 per output before training (None: not evaluated)
     eval_after: dict[str, float] | None
-    peak_rss_bytes: int  # RSS high-water mark of this process
+    peak_rss_bytes: int  # RSS high-water mark of this process over the whole run (evaluation included)
+    train_peak_rss_bytes: (
+        int  # RSS high-water mark during training steps (evaluation excluded where measurable)
+    )
     peak_gpu_bytes: int | None
     seconds: float
     queries_per_second: float
@@ -285,6 +288,17 @@ def peak_rss_bytes() -> int:
     """The process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the high-water mark from the current RSS (Linux: ``/proc/self/clear_refs``), so the
+    training steps' peak is not the evaluation's. Returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------- the loop
@@ -366,6 +380,9 @@ def _train(
     eval_before = log.eval_at(0) if log is not None else None  # kept from before the interruption
     if tc.eval_data and tc.eval_at_start and resume_from is None:
         eval_before = _evaluate(model, tc, info, step, log)
+    overall_peak = peak_rss_bytes()
+    reset_peak_rss()  # step metrics report the training peak, not the evaluation's
+    train_peak = 0
 
     gather = distributed.CrossDeviceGather() if info.enabled else None
     autocast = torch.bfloat16 if tc.bf16 else None
@@ -419,6 +436,7 @@ def _train(
             n_queries += len(batch.queries) * world
             n_tokens += tokens
             losses.append(parts["loss"])
+            train_peak = max(train_peak, peak_rss_bytes())
             metrics = {
                 "step": step,
                 "epoch": epoch,
@@ -445,6 +463,8 @@ def _train(
             done = step >= total_steps
             if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
                 eval_after = _evaluate(model, tc, info, step, log)
+                overall_peak = max(overall_peak, peak_rss_bytes())
+                reset_peak_rss()
             if done or (tc.save_steps and step % tc.save_steps == 0):
                 last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
             if on_step is not None:
@@ -462,7 +482,8 @@ def _train(
         losses=losses,
         eval_before=eval_before,
         eval_after=eval_after,
-        peak_rss_bytes=peak_rss_bytes(),
+        peak_rss_bytes=max(overall_peak, peak_rss_bytes()),
+        train_peak_rss_bytes=train_peak,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         seconds=time.perf_counter() - started,
         queries_per_second=n_queries / step_seconds if step_seconds else 0.0,
@@ -659,7 +680,10 @@ def format_summary(result: TrainResult) -> str:
     lines.append(
         f"throughput: {result.queries_per_second:.1f} queries/s, {result.tokens_per_second:.0f} tokens/s"
     )
-    lines.append(f"peak memory: {result.peak_rss_bytes / 2**20:.0f} MiB RSS")
+    lines.append(
+        f"peak memory: {result.train_peak_rss_bytes / 2**20:.0f} MiB RSS while training, "
+        f"{result.peak_rss_bytes / 2**20:.0f} MiB overall (model loading and evaluation included)"
+    )
     if result.peak_gpu_bytes is not None:
         lines.append(f"peak GPU memory: {result.peak_gpu_bytes / 2**20:.0f} MiB")
     if result.checkpoint:
