@@ -3,8 +3,8 @@
 Batch scores are memory-lean by construction:
 - sparse: token ids are mapped to a batch-local vocabulary (the query tokens), never to the model's
   vocabulary, so no ``(B, L, vocab)`` or ``(B, vocab)`` tensor exists;
-- colbert: MaxSim is computed a block of passages at a time under activation checkpointing, so only one
-  ``(Bq, Lq, b, Lp)`` block exists at once and backward recomputes it instead of storing it.
+- colbert: MaxSim is computed a block of passages at a time, so only one ``(Bq, Lq, b, Lp)`` block
+  exists at once, and backward uses the kept argmax positions instead of the similarity tensor.
 """
 
 from __future__ import annotations
@@ -79,30 +79,61 @@ def colbert_scores(
     """ColBERT MaxSim ``(1/n_q) Σ_i max_j q_i·p_j`` over valid query tokens i and passage tokens j.
 
     Padding never wins the max (it is masked out, not left at 0), so scores do not depend on how much
-    padding a batch has. Only one block of passages' similarity tensor exists at a time.
+    padding a batch has. The similarity tensor is built one block of passages at a time and only the
+    argmax positions are kept for backward (int32, ``Bq·Lq·Bp`` of them), which rebuilds each block's
+    one-hot similarity gradient from them instead of recomputing the block.
 
     Shapes: q_vecs (Bq, Lq, C), q_mask (Bq, Lq), p_vecs (Bp, Lp, C), p_mask (Bp, Lp) -> (Bq, Bp).
     """
-    bq, lq, _ = q_vecs.shape
-    lp = p_vecs.shape[1]
-    block = max(1, block_elements // max(1, bq * lq * lp))
-    q_mask = q_mask.to(q_vecs.dtype)
-    p_mask = p_mask.bool()
-    out = []
-    for start in range(0, p_vecs.shape[0], block):
-        stop = start + block
-        out.append(_maybe_checkpoint(_colbert_block, q_vecs, q_mask, p_vecs[start:stop], p_mask[start:stop]))
-    return torch.cat(out, dim=1)
+    return _MaxSim.apply(q_vecs, q_mask.to(q_vecs.dtype), p_vecs, p_mask.bool(), block_elements)
 
 
-def _colbert_block(
-    q: torch.Tensor, q_mask: torch.Tensor, p: torch.Tensor, p_mask: torch.Tensor
-) -> torch.Tensor:
-    sim = torch.einsum("qic,pjc->qipj", q, p)  # (Bq, Lq, b, Lp)
-    sim = sim.masked_fill(~p_mask[None, None], torch.finfo(sim.dtype).min)
-    best = sim.max(dim=-1).values  # (Bq, Lq, b)
-    best = torch.where(p_mask.any(-1)[None, None], best, torch.zeros_like(best))  # empty passage scores 0
-    return (best * q_mask[..., None]).sum(1) / q_mask.sum(1, keepdim=True).clamp(min=1)  # (Bq, b)
+class _MaxSim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, q_mask, p, p_mask, block_elements):
+        bq, lq, c = q.shape
+        bp, lp, _ = p.shape
+        q_flat = q.reshape(bq * lq, c)
+        n_q = q_mask.sum(1).clamp(min=1)  # (Bq,)
+        has_tokens = p_mask.any(-1)  # (Bp,): an all-padding passage scores 0
+        scores = q.new_empty(bq, bp)
+        argmax = torch.empty(bq, lq, bp, dtype=torch.int32 if lp < 2**31 else torch.int64, device=q.device)
+        block = max(1, block_elements // max(1, bq * lq * lp))
+        for start in range(0, bp, block):
+            stop = min(start + block, bp)
+            p_block = p[start:stop].reshape(-1, c)  # (b·Lp, C)
+            sim = (q_flat @ p_block.T).view(bq, lq, stop - start, lp)  # (Bq, Lq, b, Lp)
+            sim.masked_fill_(~p_mask[start:stop][None, None], torch.finfo(sim.dtype).min)
+            best, idx = sim.max(dim=-1)  # (Bq, Lq, b)
+            best = best * has_tokens[start:stop]
+            scores[:, start:stop] = (best * q_mask[..., None]).sum(1) / n_q[:, None]
+            argmax[:, :, start:stop] = idx
+        ctx.save_for_backward(q, q_mask, p, has_tokens, argmax)
+        ctx.block_elements = block_elements
+        return scores
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, q_mask, p, has_tokens, argmax = ctx.saved_tensors
+        bq, lq, c = q.shape
+        bp, lp, _ = p.shape
+        # d score[a, b] / d best[a, i, b] = q_mask[a, i] / n_q[a] (0 for all-padding passages)
+        weight = grad[:, None, :] * (q_mask / q_mask.sum(1, keepdim=True).clamp(min=1))[..., None]
+        weight = weight * has_tokens  # (Bq, Lq, Bp)
+        grad_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+        grad_p = torch.zeros_like(p) if ctx.needs_input_grad[2] else None
+        block = max(1, ctx.block_elements // max(1, bq * lq * lp))
+        for start in range(0, bp, block):
+            stop = min(start + block, bp)
+            # the similarity gradient is one-hot along Lp: w at each argmax, 0 elsewhere
+            grad_sim = q.new_zeros(bq, lq, stop - start, lp)  # (Bq, Lq, b, Lp)
+            grad_sim.scatter_(3, argmax[:, :, start:stop, None].long(), weight[:, :, start:stop, None])
+            grad_sim = grad_sim.view(bq * lq, -1)  # (Bq·Lq, b·Lp)
+            if grad_q is not None:
+                grad_q += (grad_sim @ p[start:stop].reshape(-1, c)).view(bq, lq, c)
+            if grad_p is not None:
+                grad_p[start:stop] = (grad_sim.T @ q.reshape(bq * lq, c)).view(stop - start, lp, c)
+        return grad_q, None, grad_p, None, None
 
 
 def _maybe_checkpoint(fn, *tensors: torch.Tensor) -> torch.Tensor:
