@@ -122,12 +122,12 @@ def flagembedding_step(model: nn.Module, queries: dict, passages: dict) -> float
     return float(loss.detach())
 
 
-def st_cached_loss(model_path: str, mini_batch_size: int = 8) -> tuple[nn.Module, nn.Module]:
+def st_cached_loss(model_path: str | Path, mini_batch_size: int = 8) -> tuple[nn.Module, nn.Module]:
     """A SentenceTransformer (train mode) and its ``CachedMultipleNegativesRankingLoss``."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
 
-    model = SentenceTransformer(model_path, device="cpu")
+    model = SentenceTransformer(str(model_path), device="cpu")
     model.train()
     return model, CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size)
 

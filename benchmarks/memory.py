@@ -166,6 +166,78 @@ class PeakMemory:
         return _proc_status()["VmHWM"] - self.baseline
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+class PhaseTrace:
+    """Peak RSS of each phase of an m3embed step (``--trace``, CPU): the high-water mark is read and
+    reset at every phase change, so each phase's peak is exact. Phases: ``encode-nograd`` (cache step
+    1), ``encode-grad`` (none/checkpoint forward; cache step 3: re-encode + its backward),
+    ``loss-forward`` (scores + loss), ``loss-backward`` (backward of the loss; for none/checkpoint
+    also the encoder's)."""
+
+    def __init__(self) -> None:
+        self.baseline = 0
+        self.phase = "before"
+        self.entered_rss = 0
+        self.entered_at = 0.0
+        self.log: list[dict] = []
+
+    def start(self, baseline: int) -> None:
+        self.baseline, self.entered_rss = baseline, baseline
+        self.entered_at = time.perf_counter()
+
+    def enter(self, phase: str) -> None:
+        if phase == self.phase:
+            return
+        status, now = _proc_status(), time.perf_counter()
+        if self.phase != "before":
+            mb = lambda x: round((x - self.baseline) / 2**20, 1)  # noqa: E731
+            entry = {
+                "phase": self.phase,
+                "held_at_start_mb": mb(self.entered_rss),
+                "peak_mb": mb(status["VmHWM"]),
+                "seconds": round(now - self.entered_at, 2),
+            }
+            if self.log and self.log[-1]["phase"] == self.phase:  # repeated sub-batches: keep the max
+                self.log[-1]["peak_mb"] = max(self.log[-1]["peak_mb"], entry["peak_mb"])
+                self.log[-1]["seconds"] = round(self.log[-1]["seconds"] + entry["seconds"], 2)
+            else:
+                self.log.append(entry)
+        _reset_hwm()
+        self.phase, self.entered_rss, self.entered_at = phase, status["VmRSS"], time.perf_counter()
+
+    def install(self, model) -> None:
+        import torch
+
+        import m3embed.step as step_module
+
+        scores, loss = step_module.batch_scores, step_module.m3_loss
+
+        def traced_scores(*a, **k):
+            self.enter("loss-forward")
+            return scores(*a, **k)
+
+        def traced_loss(*a, **k):
+            out = loss(*a, **k)
+            self.enter("loss-backward")
+            return out
+
+        step_module.batch_scores, step_module.m3_loss = traced_scores, traced_loss
+        model.register_forward_pre_hook(
+            lambda *_: self.enter("encode-grad" if torch.is_grad_enabled() else "encode-nograd")
+        )
+
+
 def _texts(workload: Workload, tokenizer, n_queries: int) -> tuple[list[str], list[str]]:
     """Queries and passages (layout ``[q0: pos, neg, q1: pos, neg, ...]``) as raw texts."""
     n_passages = n_queries * workload.group
@@ -254,7 +326,9 @@ def _load_m3embed(workload: Workload):
     return model.train()
 
 
-def prepare(method: str, workload: Workload, batch: int, device: str) -> Callable[[], float]:
+def prepare(
+    method: str, workload: Workload, batch: int, device: str, trace: PhaseTrace | None = None
+) -> Callable[[], float]:
     """Load the method's model and batch; return a function running one training step (-> loss)."""
 
     if workload.name == "default" and method not in M3_METHODS:
@@ -273,6 +347,8 @@ def prepare(method: str, workload: Workload, batch: int, device: str) -> Callabl
         from m3embed.step import train_step
 
         model = m3.to(device)
+        if trace is not None:
+            trace.install(model)
         strategy = method.split("-", 1)[1]
         size = None if strategy == "none" else SUB_BATCH
 
@@ -350,29 +426,43 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     workload = WORKLOADS[args.workload]
-    step = prepare(args.method, workload, args.batch, args.device)
+    trace = PhaseTrace() if args.trace and args.method in M3_METHODS and args.device == "cpu" else None
+    step = prepare(args.method, workload, args.batch, args.device, trace)
     memory = PeakMemory(args.device)
     memory.start()
-    times, losses = [], []
+    if trace is not None:
+        trace.start(memory.baseline)
+    times, cpu_times, losses = [], [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         losses.append(step())
         if args.device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(_cpu_seconds() - cpu_start)
+    peak = memory.peak_above_baseline()
+    phases = None
+    if trace is not None:  # the high-water mark was reset at each phase change: the peak is their max
+        trace.enter("after")
+        phases = trace.log
+        peak = max(peak, *(int(p["peak_mb"] * 2**20) for p in phases))
     result = {
         "workload": workload.name,
         "method": args.method,
         "batch": args.batch,
         "status": "ok",
-        "peak_mb": round(memory.peak_above_baseline() / 2**20, 1),
+        "peak_mb": round(peak / 2**20, 1),
         "loaded_mb": round(memory.loaded / 2**20, 1),
         "step_s": round(times[-1], 3),
         "step_times_s": [round(t, 3) for t in times],
+        # CPU seconds (user + system, all threads) of the last step: less sensitive than wall time to
+        # other processes sharing the cores.
+        "cpu_s": round(cpu_times[-1], 2),
         "loss": round(losses[-1], 5),
         "steps": args.steps,
         "threads": args.threads,
         "device": args.device,
+        "phases": phases,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -395,6 +485,8 @@ def run_point(args: argparse.Namespace, workload: Workload, method: str, batch: 
         "--workload", workload.name, "--method", method, "--batch", str(batch),
         "--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device,
     ]  # fmt: skip
+    if args.trace:
+        command.append("--trace")
     if args.nice:
         command = ["nice", "-n", str(args.nice), *command]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -429,20 +521,23 @@ def unavailable_methods() -> dict[str, str]:
     return out
 
 
-def run_workload(args: argparse.Namespace, workload: Workload) -> list[dict]:
+def run_workload(args: argparse.Namespace, workload: Workload, earlier: list[dict]) -> list[dict]:
     """Every point of the workload, batch size by batch size (so the methods compared at one B run
     close together in time, on a machine whose load may change)."""
     missing = unavailable_methods()
     methods = [m for m in METHODS if m in workload.batches and (not args.methods or m in args.methods)]
     plan = sorted({b for m in methods for b in workload.batches[m] if not args.batches or b in args.batches})
     measured: dict[str, list[tuple[int, float]]] = {m: [] for m in methods}
+    for row in sorted(earlier, key=lambda r: r["batch"]):  # earlier runs' points inform the prediction
+        if row["workload"] == workload.name and row["method"] in measured and row["status"] == "ok":
+            measured[row["method"]].append((row["batch"], row["peak_mb"]))
     rows = []
     for batch in plan:
         for method in methods:
             if batch not in workload.batches[method]:
                 continue
             row = {"workload": workload.name, "method": method, "batch": batch}
-            predicted = _predicted_mb(measured[method], batch)
+            predicted = _predicted_mb([pt for pt in measured[method] if pt[0] < batch], batch)
             if method in missing:
                 row["status"] = missing[method]
             elif predicted is not None and predicted > args.max_mb:
@@ -463,7 +558,7 @@ def run_workload(args: argparse.Namespace, workload: Workload) -> list[dict]:
 # ====================================================================== report
 CSV_FIELDS = (
     "workload", "method", "batch", "status", "peak_mb", "step_s", "loaded_mb", "loss", "steps",
-    "threads", "device", "step_times_s", "wall_s", "predicted_mb",
+    "threads", "device", "cpu_s", "step_times_s", "wall_s", "predicted_mb", "phases",
 )  # fmt: skip
 
 
@@ -474,7 +569,7 @@ def read_csv(path: Path) -> list[dict]:
         rows = list(csv.DictReader(f))
     for row in rows:
         row["batch"] = int(row["batch"])
-        for key in ("peak_mb", "step_s", "loaded_mb"):
+        for key in ("peak_mb", "step_s", "loaded_mb", "cpu_s"):
             row[key] = float(row[key]) if row.get(key) else None
     return rows
 
@@ -484,7 +579,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_FIELDS})
+            writer.writerow({k: _csv_value(row.get(k)) for k in CSV_FIELDS})
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def _point(rows: list[dict], workload: str, method: str, batch: int) -> dict | None:
@@ -568,6 +669,13 @@ def summary(rows: list[dict], workload: str) -> list[str]:
                 f"{_fmt(r)}× | ≤ 1.0× | {_verdict(r, 1.0)} |"
             )
     for b in batches:
+        c_cache, c_fe = get("m3embed-cache", b, "cpu_s"), get("flagembedding-checkpoint", b, "cpu_s")
+        if c_cache is not None and c_fe is not None:
+            lines.append(
+                f"| (CPU seconds) `cache` / FlagEmbedding checkpointing, B={b} | {c_cache:.1f} / {c_fe:.1f} "
+                f"CPU s = {_fmt(_ratio(c_cache, c_fe))}× | ≤ 1.0× | {_verdict(_ratio(c_cache, c_fe), 1.0)} |"
+            )
+    for b in batches:
         t_cache, t_none = get("m3embed-cache", b, "step_s"), get("m3embed-none", b, "step_s")
         if t_cache is not None and t_none is not None:
             r = _ratio(t_cache, t_none)
@@ -580,19 +688,19 @@ def summary(rows: list[dict], workload: str) -> list[str]:
 
 def table(rows: list[dict], workload: str) -> list[str]:
     lines = [
-        "| method | B | peak MB above loaded model | step s | loaded model RSS MB |",
-        "|---|---|---|---|---|",
+        "| method | B | peak MB above loaded model | step s (wall) | step CPU s | loaded model RSS MB |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["workload"] != workload:
             continue
         if row["status"] == "ok":
             lines.append(
-                f"| {LABELS[row['method']]} | {row['batch']} | {row['peak_mb']:.0f} | {row['step_s']:.2f} | "
-                f"{_fmt(row.get('loaded_mb'), '.0f')} |"
+                f"| {LABELS[row['method']]} | {row['batch']} | {row['peak_mb']:.0f} | {row['step_s']:.1f} | "
+                f"{_fmt(row.get('cpu_s'), '.1f')} | {_fmt(row.get('loaded_mb'), '.0f')} |"
             )
         else:
-            lines.append(f"| {LABELS[row['method']]} | {row['batch']} | {row['status']} | — | — |")
+            lines.append(f"| {LABELS[row['method']]} | {row['batch']} | {row['status']} | — | — | — |")
     return lines
 
 
@@ -617,13 +725,14 @@ def plot(rows: list[dict], workload: str, path: Path) -> bool:
         b, mem, sec = zip(*points)
         ax_mem.plot(b, [m / 1024 for m in mem], marker="o", label=LABELS[method])
         ax_time.plot(b, sec, marker="o", label=LABELS[method])
+    batches = sorted({r["batch"] for r in rows if r["workload"] == workload})
     for ax, ylabel in ((ax_mem, "peak memory above loaded model (GB)"), (ax_time, "step time (s)")):
-        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches)
         ax.set_xlabel("batch size (queries)")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     ax_mem.set_title(f"memory vs batch ({workload} workload)")
-    ax_time.set_title("one training step (forward + backward)")
+    ax_time.set_title("one training step (forward + backward), wall time on a shared machine")
     ax_mem.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -663,7 +772,12 @@ def write_report(out: Path, rows: list[dict], runs: dict) -> None:
         "  above the loaded model, its tokenised batch and (from the second step on) its gradients.",
         "  On CUDA the script uses `torch.cuda.max_memory_allocated()` − allocated memory instead.",
         "- **step s** = wall time of the last step run in that process (see `steps` in the CSV; with 2",
-        "  steps the first one, which includes allocator warm-up, is not reported).",
+        "  steps the first one, which includes allocator warm-up, is not reported). **step CPU s** = the",
+        "  process's user + system CPU time over that step (all threads): other processes sharing the",
+        "  cores inflate wall time much more than CPU time.",
+        "- With `--trace`, m3embed points also record each phase of the step (`phases` in the CSV: the",
+        "  RSS held when the phase starts, its peak, its seconds), the high-water mark being read and",
+        "  reset at every phase change.",
         "- Every text is exactly 32 (queries) or 128 (passages) tokens: texts from",
         "  `debdesc/train/train.jsonl.gz` (query, positive, first negative of the first B examples) are",
         "  joined with the following texts until they are longer, then truncated, so no method pads and",
@@ -717,6 +831,9 @@ def write_report(out: Path, rows: list[dict], runs: dict) -> None:
         if record.get("plot"):
             lines += [f"![memory vs batch]({record['plot']})", ""]
         lines += [*summary(rows, name), ""]
+    notes = out / "memory_notes.md"  # hand-written findings, kept across regenerations
+    if notes.exists():
+        lines += [notes.read_text().rstrip(), ""]
     (out / "memory.md").write_text("\n".join(lines))
 
 
@@ -732,6 +849,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--max-mb", type=float, default=16_000, help="skip points predicted above this")
     parser.add_argument("--nice", type=int, default=0, help="run points under `nice -n N`")
+    parser.add_argument("--trace", action="store_true", help="m3embed points: peak RSS of each phase")
     parser.add_argument("--fresh", action="store_true", help="drop this workload's earlier points")
     parser.add_argument("--out", type=Path, help="output folder (default docs/, --tiny: a temp dir)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -748,11 +866,11 @@ def main(argv: list[str] | None = None) -> None:
     workload = WORKLOADS[name]
     out = args.out or (Path(tempfile.gettempdir()) / "m3embed-memory-tiny" if args.tiny else REPO / "docs")
     out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "memory.csv"
     start = time.perf_counter()
-    rows = run_workload(args, workload)
+    rows = run_workload(args, workload, [] if args.fresh else read_csv(csv_path))
     minutes = (time.perf_counter() - start) / 60
 
-    csv_path = out / "memory.csv"
     # Points of earlier runs are kept unless re-measured here (a long run can be done in parts).
     fresh = {(r["workload"], r["method"], r["batch"]) for r in rows}
     old = [r for r in read_csv(csv_path) if (r["workload"], r["method"], r["batch"]) not in fresh]
