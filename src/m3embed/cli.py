@@ -68,7 +68,8 @@ _TRAIN_SECTIONS = {
     "train": "model, optimiser, run length, checkpoints, evaluation (section 'train')",
     "data": "training data (section 'data')",
     "memory": "memory strategy of the step (section 'memory')",
-    "loss": "objective (section 'loss'; defaults are FlagEmbedding's BGE-M3 values)",
+    "loss": "objective (section 'loss'; defaults are FlagEmbedding's BGE-M3 values; every other weight of the "
+    "objective, e.g. ensemble_sparse_weight or distill_normalizer, is a key of this section in --config)",
 }
 
 
