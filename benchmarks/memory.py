@@ -558,7 +558,7 @@ def run_workload(args: argparse.Namespace, workload: Workload, earlier: list[dic
 # ====================================================================== report
 CSV_FIELDS = (
     "workload", "method", "batch", "status", "peak_mb", "step_s", "loaded_mb", "loss", "steps",
-    "threads", "device", "cpu_s", "step_times_s", "wall_s", "predicted_mb", "phases",
+    "threads", "device", "cpu_s", "run", "step_times_s", "wall_s", "predicted_mb", "phases",
 )  # fmt: skip
 
 
@@ -612,6 +612,12 @@ def _verdict(value: float | None, target: float) -> str:
 def summary(rows: list[dict], workload: str) -> list[str]:
     """Ratios against DESIGN.md section 7 (default workload) or issue 3 item 4 (wide vocab)."""
     get = lambda method, b, key: (_point(rows, workload, method, b) or {}).get(key)  # noqa: E731
+
+    def same_run(a: str, b: str, batch: int) -> bool:
+        """Step times are compared only between points measured back to back in one invocation."""
+        ra, rb = get(a, batch, "run"), get(b, batch, "run")
+        return bool(ra) and ra == rb
+
     lines = []
     if workload == "wide-vocab":
         m8, m64 = get("m3embed-cache", 8, "peak_mb"), get("m3embed-cache", 64, "peak_mb")
@@ -662,7 +668,11 @@ def summary(rows: list[dict], workload: str) -> list[str]:
     ]
     for b in batches:
         t_cache, t_fe = get("m3embed-cache", b, "step_s"), get("flagembedding-checkpoint", b, "step_s")
-        if t_cache is not None and t_fe is not None:
+        if (
+            t_cache is not None
+            and t_fe is not None
+            and same_run("m3embed-cache", "flagembedding-checkpoint", b)
+        ):
             r = _ratio(t_cache, t_fe)
             lines.append(
                 f"| step time, `cache` / FlagEmbedding checkpointing, B={b} | {t_cache:.1f} / {t_fe:.1f} s = "
@@ -670,14 +680,18 @@ def summary(rows: list[dict], workload: str) -> list[str]:
             )
     for b in batches:
         c_cache, c_fe = get("m3embed-cache", b, "cpu_s"), get("flagembedding-checkpoint", b, "cpu_s")
-        if c_cache is not None and c_fe is not None:
+        if (
+            c_cache is not None
+            and c_fe is not None
+            and same_run("m3embed-cache", "flagembedding-checkpoint", b)
+        ):
             lines.append(
                 f"| (CPU seconds) `cache` / FlagEmbedding checkpointing, B={b} | {c_cache:.1f} / {c_fe:.1f} "
                 f"CPU s = {_fmt(_ratio(c_cache, c_fe))}× | ≤ 1.0× | {_verdict(_ratio(c_cache, c_fe), 1.0)} |"
             )
     for b in batches:
         t_cache, t_none = get("m3embed-cache", b, "step_s"), get("m3embed-none", b, "step_s")
-        if t_cache is not None and t_none is not None:
+        if t_cache is not None and t_none is not None and same_run("m3embed-cache", "m3embed-none", b):
             r = _ratio(t_cache, t_none)
             lines.append(
                 f"| step time, `cache` / m3embed `none`, B={b} | {t_cache:.1f} / {t_none:.1f} s = "
@@ -688,8 +702,8 @@ def summary(rows: list[dict], workload: str) -> list[str]:
 
 def table(rows: list[dict], workload: str) -> list[str]:
     lines = [
-        "| method | B | peak MB above loaded model | step s (wall) | step CPU s | loaded model RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| method | B | peak MB above loaded model | step s (wall) | step CPU s | loaded model RSS MB | run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if row["workload"] != workload:
@@ -697,10 +711,12 @@ def table(rows: list[dict], workload: str) -> list[str]:
         if row["status"] == "ok":
             lines.append(
                 f"| {LABELS[row['method']]} | {row['batch']} | {row['peak_mb']:.0f} | {row['step_s']:.1f} | "
-                f"{_fmt(row.get('cpu_s'), '.1f')} | {_fmt(row.get('loaded_mb'), '.0f')} |"
+                f"{_fmt(row.get('cpu_s'), '.1f')} | {_fmt(row.get('loaded_mb'), '.0f')} | {row.get('run') or '—'} |"
             )
         else:
-            lines.append(f"| {LABELS[row['method']]} | {row['batch']} | {row['status']} | — | — | — |")
+            lines.append(
+                f"| {LABELS[row['method']]} | {row['batch']} | {row['status']} | — | — | — | {row.get('run') or '—'} |"
+            )
     return lines
 
 
@@ -738,6 +754,20 @@ def plot(rows: list[dict], workload: str, path: Path) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def code_version() -> str:
+    """The commit measured, and whether src/m3embed differed from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src/m3embed"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" (src/m3embed modified)" if dirty else "")
 
 
 def machine() -> str:
@@ -824,7 +854,9 @@ def write_report(out: Path, rows: list[dict], runs: dict) -> None:
         ]
         for r in record["runs"]:
             lines.append(
-                f"- {r['date']}: {r['points']} point(s), {r['minutes']:.0f} min, {r['threads']} torch "
+                f"- run {r.get('started', '?')} (ended {r['date']}), m3embed {r.get('code', 'unknown')}: "
+                f"{r['points']} point(s), "
+                f"{r['minutes']:.0f} min, {r['threads']} torch "
                 f"threads, {r['steps']} step(s) per point; {r['machine']}."
             )
         lines += ["", *table(rows, name), ""]
@@ -850,6 +882,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-mb", type=float, default=16_000, help="skip points predicted above this")
     parser.add_argument("--nice", type=int, default=0, help="run points under `nice -n N`")
     parser.add_argument("--trace", action="store_true", help="m3embed points: peak RSS of each phase")
+    parser.add_argument("--report", action="store_true", help="only rewrite memory.md/png from memory.csv")
     parser.add_argument("--fresh", action="store_true", help="drop this workload's earlier points")
     parser.add_argument("--out", type=Path, help="output folder (default docs/, --tiny: a temp dir)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -866,9 +899,18 @@ def main(argv: list[str] | None = None) -> None:
     workload = WORKLOADS[name]
     out = args.out or (Path(tempfile.gettempdir()) / "m3embed-memory-tiny" if args.tiny else REPO / "docs")
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:  # regenerate memory.md and the plots from memory.csv, measure nothing
+        rows, runs = read_csv(out / "memory.csv"), json.loads((out / "memory_runs.json").read_text())
+        for key in runs:
+            runs[key]["plot"] = runs[key]["plot"] if plot(rows, key, out / runs[key]["plot"]) else None
+        write_report(out, rows, runs)
+        return
     csv_path = out / "memory.csv"
     start = time.perf_counter()
+    started = dt.datetime.now(dt.UTC).strftime("%H:%M")
     rows = run_workload(args, workload, [] if args.fresh else read_csv(csv_path))
+    for row in rows:
+        row["run"] = started  # which invocation measured it (time ratios stay within one)
     minutes = (time.perf_counter() - start) / 60
 
     # Points of earlier runs are kept unless re-measured here (a long run can be done in parts).
@@ -887,6 +929,8 @@ def main(argv: list[str] | None = None) -> None:
     argv_shown = sys.argv[1:] if argv is None else argv
     run = {
         "command": "HF_HUB_OFFLINE=1 python benchmarks/memory.py " + shlex.join(argv_shown),
+        "started": started,
+        "code": code_version(),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "threads": args.threads,
