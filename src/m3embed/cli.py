@@ -680,14 +680,6 @@ def _run_mine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_ready(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"m3embed {name}: not implemented yet", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3embed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
