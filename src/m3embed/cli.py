@@ -681,7 +681,10 @@ def _run_mine(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m3embed", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="m3embed",
+        description="Train and run BGE-M3-style embedding models (dense + sparse + ColBERT).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
