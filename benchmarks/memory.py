@@ -470,6 +470,7 @@ def worker(args: argparse.Namespace) -> None:
 # ====================================================================== driver
 def _predicted_mb(points: list[tuple[int, float]], batch: int) -> float | None:
     """Linear extrapolation of a method's measured (B, MB) points to ``batch``."""
+    points = sorted(dict(points).items())  # one point per batch size (the latest measured)
     if not points:
         return None
     if len(points) == 1:
