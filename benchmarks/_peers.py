@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-FE_FINETUNE_M3 = "FlagEmbedding.finetune.embedder.encoder_only.m3"
-_STUB_PACKAGES = ("FlagEmbedding", "FlagEmbedding.inference", "FlagEmbedding.inference.embedder")
 
 
 def available(peer: str) -> str | None:
@@ -42,31 +38,9 @@ def available(peer: str) -> str | None:
 def flagembedding_m3_finetune() -> types.ModuleType:
     """FlagEmbedding's ``finetune.embedder.encoder_only.m3`` module, imported without running the
     package ``__init__`` (it imports LLM rerankers that fail under transformers 5, DESIGN.md §2)."""
-    if FE_FINETUNE_M3 in sys.modules:
-        return sys.modules[FE_FINETUNE_M3]
-    try:  # the project's own loader registers the stub parent packages when it exists
-        from m3embed.peers import load_flagembedding_m3
+    from m3embed.peers import load_flagembedding_m3_finetune
 
-        load_flagembedding_m3()
-    except ImportError:
-        _register_stubs()
-    try:
-        return importlib.import_module(FE_FINETUNE_M3)
-    except Exception as err:  # any failure inside FlagEmbedding means "peer unavailable"
-        raise ImportError(f"cannot import {FE_FINETUNE_M3}: {type(err).__name__}: {err}") from err
-
-
-def _register_stubs() -> None:
-    if "FlagEmbedding" in sys.modules:
-        return
-    spec = importlib.util.find_spec("FlagEmbedding")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("FlagEmbedding is not installed (pip install 'm3embed[peers]')")
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for name in _STUB_PACKAGES:
-        module = types.ModuleType(name)
-        module.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-        sys.modules[name] = module
+    return load_flagembedding_m3_finetune()
 
 
 def flagembedding_m3_model(

@@ -1,7 +1,5 @@
 """Same directory, same numbers as FlagEmbedding 1.4.2 (runs only when the `peers` extra is installed)."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
@@ -12,7 +10,7 @@ from m3embed.step import train_step
 from m3embed.testing import sample_texts, tiny_model
 
 try:
-    from m3embed.peers import load_flagembedding_m3
+    from m3embed.peers import load_flagembedding_m3, load_flagembedding_m3_finetune
 
     FE_M3 = load_flagembedding_m3()
 except ImportError as err:  # pragma: no cover - depends on the environment
@@ -57,7 +55,7 @@ def test_compute_score_equals_flagembedding(saved):
 
 
 def test_directory_saved_by_flagembedding_loads(tmp_path, saved):
-    finetune = importlib.import_module("FlagEmbedding.finetune.embedder.encoder_only.m3")
+    finetune = load_flagembedding_m3_finetune()
     base = finetune.EncoderOnlyEmbedderM3Runner.get_model(str(saved), colbert_dim=-1)
     fe_model = finetune.EncoderOnlyEmbedderM3Model(base, tokenizer=M3Model.from_pretrained(saved).tokenizer)
     fe_model.save(str(tmp_path / "fe"))
@@ -73,7 +71,7 @@ def test_directory_saved_by_flagembedding_loads(tmp_path, saved):
 def test_training_loss_and_gradients_equal_flagembedding(xlmr_tokenizer, kd):
     """FlagEmbedding's unified fine-tuning loss on the same weights and inputs (equal lengths, no dropout:
     its ColBERT max lets padding win, ours masks it, so padded batches legitimately differ)."""
-    finetune = importlib.import_module("FlagEmbedding.finetune.embedder.encoder_only.m3")
+    finetune = load_flagembedding_m3_finetune()
     model = tiny_model(tokenizer=xlmr_tokenizer, dropout=0.0)
     model.train()
     gen = torch.Generator().manual_seed(0)

@@ -17,15 +17,27 @@ _STUB_PACKAGES = ("FlagEmbedding", "FlagEmbedding.inference", "FlagEmbedding.inf
 M3_INFERENCE_MODULE = "FlagEmbedding.inference.embedder.encoder_only.m3"
 
 
+M3_FINETUNE_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
+
+
 def load_flagembedding_m3() -> types.ModuleType:
     """FlagEmbedding's ``inference.embedder.encoder_only.m3`` module (it has ``M3Embedder``).
 
     Raises ``ImportError`` (with the reason) when FlagEmbedding is not installed or cannot be imported.
     """
-    if M3_INFERENCE_MODULE in sys.modules:
-        return sys.modules[M3_INFERENCE_MODULE]
-    spec = importlib.util.find_spec("FlagEmbedding") if "FlagEmbedding" not in sys.modules else None
+    return _import(M3_INFERENCE_MODULE)
+
+
+def load_flagembedding_m3_finetune() -> types.ModuleType:
+    """FlagEmbedding's ``finetune.embedder.encoder_only.m3`` module (its training model and runner)."""
+    return _import(M3_FINETUNE_MODULE)
+
+
+def _import(module_name: str) -> types.ModuleType:
+    if module_name in sys.modules:
+        return sys.modules[module_name]
     if "FlagEmbedding" not in sys.modules:
+        spec = importlib.util.find_spec("FlagEmbedding")
         if spec is None or not spec.submodule_search_locations:
             raise ImportError("FlagEmbedding is not installed (pip install 'm3embed[peers]')")
         root = Path(next(iter(spec.submodule_search_locations)))
@@ -34,6 +46,6 @@ def load_flagembedding_m3() -> types.ModuleType:
             module.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
             sys.modules[name] = module
     try:
-        return importlib.import_module(M3_INFERENCE_MODULE)
+        return importlib.import_module(module_name)
     except Exception as err:  # any failure inside FlagEmbedding means "peer unavailable"
-        raise ImportError(f"cannot import {M3_INFERENCE_MODULE}: {type(err).__name__}: {err}") from err
+        raise ImportError(f"cannot import {module_name}: {type(err).__name__}: {err}") from err
