@@ -59,8 +59,12 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
     queries = QUERIES[rank * n : (rank + 1) * n]
     passages = PASSAGES[rank * n * G : (rank + 1) * n * G]
     try:
-        if rank == fail_rank:
-            raise RuntimeError("injected failure")
+        if rank == fail_rank:  # the encoder itself fails, inside train_step, after the other rank started it
+
+            def broken_forward(*args, **kwargs):
+                raise RuntimeError("injected failure")
+
+            model.forward = broken_forward
         gather = CrossDeviceGather(negatives)
         parts = step(model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, gather)
         all_reduce_gradients(model)
