@@ -1,4 +1,9 @@
-"""2 gloo processes × B/2 give the gradient of 1 process × B (DESIGN.md section 6)."""
+"""2 gloo processes × B/2 give the gradient of 1 process × B (DESIGN.md section 6).
+
+The models run in float64: in float32 the two runs sum the embedding gradient's rows in another order
+(per rank, then across ranks) and pad texts differently, which moves elements near zero by ~1e-6, the
+size of the contract's atol; in float64 that noise is ~1e-15 and any real error still shows.
+"""
 
 import os
 import socket
@@ -53,7 +58,7 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
     )
     from transformers import AutoTokenizer
 
-    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
     model.train()
     n = B // WORLD
     queries = QUERIES[rank * n : (rank + 1) * n]
@@ -87,7 +92,7 @@ def test_two_processes_equal_one_process(tmp_path, tok_dir, strategy):
     from transformers import AutoTokenizer
 
     mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), strategy, -1), nprocs=WORLD, join=True)
-    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
     model.train()
     ref_parts = step(model, QUERIES, PASSAGES, TEACHER, "none")
     ref = grads_of(model)
@@ -113,7 +118,7 @@ def test_flagembedding_style_negatives_dense_global_rest_in_batch(tmp_path, tok_
     mp.spawn(
         worker, args=(free_port(), tok_dir, str(tmp_path), "cache", -1, "dense"), nprocs=WORLD, join=True
     )
-    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
     model.train()
     cfg = LossConfig(kd_loss_type="kl_div")
     n = B // WORLD

@@ -99,13 +99,13 @@ def _tokens(model: M3Model, texts: TextsOrTokens, max_length: int, device: torch
 
 
 def _float(reps: M3Reps) -> M3Reps:
-    """Scores and losses in fp32 even when the encoder ran under autocast."""
+    """Scores and losses in at least fp32 even when the encoder ran under autocast (fp64 stays fp64)."""
+
+    def up(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
     return M3Reps(
-        reps.dense.float(),
-        None if reps.token_weights is None else reps.token_weights.float(),
-        None if reps.colbert is None else reps.colbert.float(),
-        reps.input_ids,
-        reps.attention_mask,
+        up(reps.dense), up(reps.token_weights), up(reps.colbert), reps.input_ids, reps.attention_mask
     )
 
 
