@@ -76,8 +76,10 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
         torch.save({"parts": parts, "grads": grads_of(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception as err:
         raise RuntimeError(f"rank {rank} failed: {err}") from err
-    finally:
-        dist.destroy_process_group()
+    # Both ranks done before either tears gloo down (a rank that destroys its group while the other
+    # is still finishing the last all-reduce can abort: "terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

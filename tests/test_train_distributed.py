@@ -66,6 +66,7 @@ def worker(rank, port, model_dir, data, tmp):
         resumed = train(config(model_dir, data, f"{tmp}/killed", save_steps=KILL_AT, resume="latest"))
         with open(f"{tmp}/rank{rank}.json", "w") as f:
             json.dump({"full": full.losses, "resumed": resumed.losses}, f)
+        torch.distributed.barrier()  # both ranks done before either tears gloo down
     finally:
         torch.distributed.destroy_process_group()
 
