@@ -57,7 +57,7 @@ def _is_jsonl(path: Path) -> bool:
     return bool(suffixes) and suffixes[-1] in (".jsonl", ".json")
 
 
-def _parse_json_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
+def parse_json_line(line: str, path: Path, lineno: int) -> dict[str, Any]:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
@@ -96,7 +96,7 @@ def read_corpus(path: str | os.PathLike) -> Iterator[Document]:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                obj = _parse_json_line(line, path, lineno)
+                obj = parse_json_line(line, path, lineno)
                 doc_id = _string_field(obj, ("_id", "id"), path, lineno)
                 text = _string_field(obj, ("text",), path, lineno)
                 title = obj.get("title") or ""
@@ -128,7 +128,7 @@ def read_queries(path: str | os.PathLike) -> dict[str, Query]:
             if not line.strip():
                 continue
             if _is_jsonl(path):
-                obj = _parse_json_line(line, path, lineno)
+                obj = parse_json_line(line, path, lineno)
                 qid = _string_field(obj, ("_id", "id"), path, lineno)
                 text = _string_field(obj, ("text",), path, lineno)
                 lang = obj.get("lang")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3embed.beir import open_text, read_corpus
+from m3embed.beir import open_text, parse_json_line, read_corpus
 from m3embed.index import IndexOptions, encode_corpus
 from m3embed.model import M3Model
 from m3embed.search import MODES, Searcher, SearchOptions
@@ -58,12 +58,7 @@ def read_train_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, A
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object")
+            obj = parse_json_line(line, path, lineno)
             if not isinstance(obj.get("query"), str) or not obj["query"].strip():
                 raise ValueError(f"{path}, line {lineno}: field 'query' must be a non-empty string")
             pos = obj.get("pos")
