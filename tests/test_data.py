@@ -127,15 +127,15 @@ def test_truncated_gzip_is_a_data_error(tmp_path):
     assert info.value.path == str(path)
 
 
-@pytest.mark.parametrize(
-    ("make", "match"),
-    [
-        (lambda d: d / "missing.jsonl", "does not exist"),
-        (lambda d: (d / "x.txt").write_text("{}") and d / "x.txt", "does not end in"),
-        (lambda d: (d / "empty").mkdir() or d / "empty", "has no .jsonl"),
-    ],
-    ids=["missing", "suffix", "empty_folder"],
-)
+BAD_PATHS = [
+    (lambda d: d / "missing.jsonl", "does not exist"),
+    (lambda d: (d / "x.txt").write_text("{}") and d / "x.txt", "does not end in"),
+    (lambda d: (d / "empty").mkdir() or d / "empty", "has no .jsonl"),
+]
+BAD_PATH_IDS = ["missing", "suffix", "empty_folder"]
+
+
+@pytest.mark.parametrize(("make", "match"), BAD_PATHS, ids=BAD_PATH_IDS)
 def test_bad_paths_are_data_errors(tmp_path, make, match):
     with pytest.raises(DataError, match=match):
         load(make(tmp_path))

@@ -12,7 +12,7 @@ from m3embed.cli import main
 from m3embed.model import M3Model
 from m3embed.testing import sample_texts, tiny_model
 from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, train
-from test_data import BAD_LINES, ex, write  # the data layer's bad-line cases, reused end to end
+from test_data import BAD_LINES, BAD_PATH_IDS, BAD_PATHS, ex, write  # the data layer's cases, end to end
 
 N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
 
@@ -270,15 +270,7 @@ def test_bad_training_lines_stop_before_training_with_exit_2(tmp_path, capsys, s
     assert not out.exists()
 
 
-@pytest.mark.parametrize(
-    ("make", "match"),
-    [
-        (lambda d: d / "missing.jsonl", "does not exist"),
-        (lambda d: (d / "x.txt").write_text("{}") and d / "x.txt", "does not end in"),
-        (lambda d: (d / "empty").mkdir() or d / "empty", "has no .jsonl"),
-    ],
-    ids=["missing", "suffix", "empty_folder"],
-)
+@pytest.mark.parametrize(("make", "match"), BAD_PATHS, ids=BAD_PATH_IDS)
 def test_bad_training_paths_give_exit_2(tmp_path, capsys, make, match):
     code = main(["train", "--train-data", str(make(tmp_path)), "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err

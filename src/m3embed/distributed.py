@@ -60,12 +60,6 @@ def init_from_env(timeout_s: float = 600.0, backend: str | None = None) -> DistI
     return info
 
 
-def current() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo()
-
-
 def _gather_rows(t: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """All ranks' ``t`` concatenated along dim 0, detached except this rank's slice.
 

@@ -239,7 +239,7 @@ class M3Model(nn.Module):
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
-        _check_texts(texts)
+        check_texts(texts)
         if return_sparse and self.sparse_linear is None:
             raise ValueError("return_sparse=True but this model has no sparse head (use_sparse=False)")
         if return_colbert_vecs and self.colbert_linear is None:
@@ -410,7 +410,8 @@ def _load_head(path: Path) -> dict[str, torch.Tensor] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _check_texts(texts: list[Any]) -> None:
+def check_texts(texts: list[Any]) -> None:
+    """ValueError naming the index of the first text that is not a non-empty string."""
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(

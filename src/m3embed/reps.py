@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +43,6 @@ class M3Reps:
         for name, t in self.float_tensors().items():
             setattr(out, name, t.detach().requires_grad_(requires_grad))
         return out
-
-    def to(self, device: torch.device | str) -> M3Reps:
-        return M3Reps(**{f.name: _maybe(getattr(self, f.name), lambda t: t.to(device)) for f in fields(self)})
-
-
-def _maybe(t, fn):
-    return None if t is None else fn(t)
 
 
 def pad_length(t: torch.Tensor, length: int, dim: int = 1, value: float = 0) -> torch.Tensor:

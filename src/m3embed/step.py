@@ -14,7 +14,7 @@ import torch
 from m3embed.distributed import CrossDeviceGather
 from m3embed.losses import LossConfig, LossOutput, batch_scores, m3_loss
 from m3embed.memory import EncodeFn, MemoryConfig, TokenBatch, run_step
-from m3embed.model import M3Model
+from m3embed.model import M3Model, check_texts
 from m3embed.reps import M3Reps
 
 TextsOrTokens = Sequence[str] | TokenBatch | Mapping[str, torch.Tensor]
@@ -91,9 +91,7 @@ def _tokens(model: M3Model, texts: TextsOrTokens, max_length: int, device: torch
         batch = TokenBatch(texts["input_ids"], texts["attention_mask"])
     else:
         texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError(f"text at index {i} must be a non-empty str, got {t!r:.40}")
+        check_texts(texts)
         batch = TokenBatch(**model.tokenize(texts, max_length))
     return TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device))
 
