@@ -136,7 +136,7 @@ def test_train_step_rejects_bad_shapes(xlmr_model):
 
 def test_checkpoint_without_encoder_support_checkpoints_whole_sub_batches(xlmr_tokenizer):
     """run_step's generic fallback (any encode function) gives plain autograd's gradients too."""
-    from m3embed.losses import batch_scores, m3_loss
+    from m3embed.losses import M3Objective
     from m3embed.memory import run_step
 
     results = []
@@ -148,7 +148,7 @@ def test_checkpoint_without_encoder_support_checkpoints_whole_sub_batches(xlmr_t
         torch.manual_seed(7)
         out = run_step(
             lambda ids, mask, m=model: m(ids, mask),
-            lambda qr, pr, c=cfg: m3_loss(batch_scores(qr, pr, c), G, c),
+            M3Objective(cfg, G),
             q,
             p,
             MemoryConfig(strategy, sub_batch_size=4),

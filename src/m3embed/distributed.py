@@ -1,12 +1,15 @@
 """Everything torch.distributed in one place: process group set-up, cross-device negatives, gradient sync.
 
-How gradients stay exact (DESIGN.md section 6). Every rank gathers every rank's representations
-*detached*, puts its own (autograd-connected) slice back in its place, and computes the loss of the
-**global** batch. The gradient that reaches rank r's parameters is then ``g_r = dL/d reps_r · d reps_r/dθ``
-and the true gradient is ``Σ_r g_r``: one all-reduce with SUM per step (not DDP's mean, so nothing
-needs compensating) after the last sub-batch. Because that single all-reduce happens after all
-sub-batches, ranks with different numbers of sub-batches cannot hang each other, and no per-sub-batch
-synchronisation exists that would need ``no_sync``.
+How gradients stay exact (docs/design.md, "Distributed"). Every rank gathers every rank's query
+representations (small) with an autograd function, scores its own passages against all of them, and
+gathers the score columns, so every rank holds the **global** score matrices and computes the same
+loss. The gradient of the loss reaches rank r's parameters along two paths: through its passages (the
+score columns it owns, whose gradient it has) and through its queries, whose gradient is split over
+every rank's columns; the query gather's backward sums it over ranks. Rank r's parameter gradient is
+then its share ``g_r`` of the true gradient ``Σ_r g_r``: one all-reduce with SUM per step (not DDP's
+mean, so nothing needs compensating) after the last sub-batch. Because that single all-reduce
+happens after all sub-batches, ranks with different numbers of sub-batches cannot hang each other,
+and no per-sub-batch synchronisation exists that would need ``no_sync``.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from m3embed.losses import LossConfig, LossOutput, batch_scores, contrastive_loss, m3_loss
+from m3embed.losses import BatchScores, LossOutput, M3Objective, contrastive_loss, m3_loss
 from m3embed.reps import M3Reps, pad_length
-from m3embed.scores import dense_scores
 
 logger = logging.getLogger(__name__)
 
@@ -60,55 +62,101 @@ def init_from_env(timeout_s: float = 600.0, backend: str | None = None) -> DistI
     return info
 
 
-def _gather_rows(t: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """All ranks' ``t`` concatenated along dim 0, detached except this rank's slice.
+class _GatherCat(torch.autograd.Function):
+    """Every rank's tensors concatenated along ``dim`` (one all-gather for all of them).
 
-    ``length`` pads dim 1 first (ragged token dimensions). All ranks must hold the same number of rows.
+    Backward returns this rank's slice of the gradient: as it is when every rank computes the same
+    loss from the gathered values (``sum_grads=False``), summed over ranks first when each rank's
+    part of the work reaches the gathered values through different terms (``sum_grads=True``).
+    All ranks' tensors must have the same shapes.
     """
-    if length is not None:
-        t = pad_length(t, length, dim=1)
-    t = t.contiguous()
+
+    @staticmethod
+    def forward(ctx, dim: int, sum_grads: bool, *tensors: torch.Tensor):
+        sizes = [t.numel() for t in tensors]
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat)
+        per_rank = [part.split(sizes) for part in parts]
+        ctx.dim, ctx.sum_grads, ctx.shapes = dim, sum_grads, [t.shape for t in tensors]
+        return tuple(
+            torch.cat([chunks[i].view(t.shape) for chunks in per_rank], dim) for i, t in enumerate(tensors)
+        )
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        if ctx.sum_grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            grads = tuple(f.view(g.shape) for f, g in zip(flat.split([g.numel() for g in grads]), grads))
+        rank, dim = dist.get_rank(), ctx.dim
+        own = [g.narrow(dim, rank * shape[dim], shape[dim]) for g, shape in zip(grads, ctx.shapes)]
+        return (None, None, *own)
+
+
+def _gather_cat(tensors: list[torch.Tensor], dim: int, sum_grads: bool) -> list[torch.Tensor]:
+    return list(_GatherCat.apply(dim, sum_grads, *tensors))
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``t`` along dim 0, without autograd (token ids, masks, teacher scores)."""
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach())
-    parts[dist.get_rank()] = t  # keep the graph for our own rows
+    dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
 
 
-def _max_over_ranks(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+def _same_rows_everywhere(n: int, what: str, device: torch.device) -> None:
+    extremes = torch.tensor([n, -n], device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if extremes.tolist() != [n, -n]:
+        raise RuntimeError(
+            f"rank {dist.get_rank()} has {n} {what} but another rank has a different number: cross-device "
+            "negatives need the same batch size on every rank (use drop_last batches)"
+        )
 
 
 def gather_reps(reps: M3Reps) -> M3Reps:
-    """The global batch's representations (ragged token dimensions padded to the longest rank)."""
+    """The global batch's representations, ragged token dimensions padded to the longest rank's.
+
+    Autograd flows back to this rank's rows, with the gradient summed over ranks (each rank scores its
+    own passages against every rank's queries, so each holds part of every query's gradient).
+    """
     device = reps.dense.device
-    rows = _max_over_ranks(len(reps), device)
-    if rows != len(reps):
-        raise RuntimeError(
-            f"rank {dist.get_rank()} has {len(reps)} texts but another rank has {rows}: cross-device "
-            "negatives need the same batch size on every rank (use drop_last batches)"
-        )
-    length = _max_over_ranks(reps.input_ids.shape[1], device)
-    return M3Reps(
-        dense=_gather_rows(reps.dense),
-        token_weights=None if reps.token_weights is None else _gather_rows(reps.token_weights, length),
-        colbert=None if reps.colbert is None else _gather_rows(reps.colbert, length - 1),
-        input_ids=_gather_rows(reps.input_ids, length),
-        attention_mask=_gather_rows(reps.attention_mask, length),
+    _same_rows_everywhere(len(reps), "texts", device)
+    length = torch.tensor([reps.input_ids.shape[1]], device=device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    length = int(length.item())
+    padded = replace(
+        reps,
+        token_weights=None if reps.token_weights is None else pad_length(reps.token_weights, length),
+        colbert=None if reps.colbert is None else pad_length(reps.colbert, length - 1),
+        input_ids=pad_length(reps.input_ids, length),
+        attention_mask=pad_length(reps.attention_mask, length),
+    )
+    names = list(padded.float_tensors())
+    gathered = _gather_cat([getattr(padded, n) for n in names], dim=0, sum_grads=True)
+    return replace(
+        padded,
+        **dict(zip(names, gathered)),
+        input_ids=_gather_rows(padded.input_ids),
+        attention_mask=_gather_rows(padded.attention_mask),
     )
 
 
 class CrossDeviceGather:
     """Cross-device negatives for :func:`m3embed.step.train_step` (``gather=CrossDeviceGather()``).
 
-    ``negatives="all"`` (m3embed's default): dense, sparse and ColBERT representations are gathered and
-    every rank computes the loss of the global batch, so 2 processes × B/2 equal 1 process × B exactly.
+    Every rank scores its own passages against every rank's queries (:func:`gather_reps`: the queries
+    are small) and the score columns are gathered, so every rank holds the global ``(B·W, B·G·W)``
+    score matrices.
 
-    ``negatives="dense"`` (FlagEmbedding's behaviour, for comparisons): only dense representations are
-    gathered; the dense contrastive term is over the global batch, sparse, ColBERT, the ensemble and
-    self-distillation stay in-batch. The objective is ``dense_global + mean over ranks of the in-batch
-    rest``; since gradients are summed over ranks, rank r backpropagates
+    ``negatives="all"`` (m3embed's default): every rank computes the loss of the global batch from
+    them, so 2 processes × B/2 equal 1 process × B exactly.
+
+    ``negatives="dense"`` (FlagEmbedding's behaviour, for comparisons): the dense contrastive term is
+    over the global batch; sparse, ColBERT, the ensemble and self-distillation stay in-batch (this
+    rank's queries against this rank's passages). The objective is ``dense_global + mean over ranks of
+    the in-batch rest``; since gradients are summed over ranks, rank r backpropagates
     ``(1/W)·m3_loss(local scores, dense term := W·dense_global)`` (m3_loss is linear in the dense term).
     FlagEmbedding itself averages gradients with DDP, which scales its dense term by 1/W; we do not.
     """
@@ -118,32 +166,43 @@ class CrossDeviceGather:
             raise ValueError(f"cross-device negatives must be 'all' or 'dense', got {negatives!r}")
         self.negatives = negatives
 
-    def loss(
-        self,
-        q: M3Reps,
-        p: M3Reps,
-        teacher: torch.Tensor | None,
-        group_size: int,
-        config: LossConfig,
-        step: int,
-    ) -> LossOutput:
-        if self.negatives == "all":
-            q_all, p_all = gather_reps(q), gather_reps(p)
-            teacher_all = None if teacher is None else _gather_rows(teacher)
-            return m3_loss(batch_scores(q_all, p_all, config), group_size, config, step, teacher_all)
+    def objective(self, local: M3Objective) -> CrossDeviceObjective:
+        """``local`` (this rank's objective) turned into the objective of the global batch."""
+        return CrossDeviceObjective(local, self.negatives)
 
-        world = dist.get_world_size()
-        q_dense, p_dense = _gather_rows(q.dense), _gather_rows(p.dense)
+
+@dataclass(frozen=True)
+class CrossDeviceObjective:
+    """An :class:`m3embed.memory.Objective` over every rank's batch (see :class:`CrossDeviceGather`)."""
+
+    local: M3Objective
+    negatives: Literal["all", "dense"]
+
+    def share(self, queries: M3Reps) -> M3Reps:
+        return gather_reps(queries)
+
+    def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
+        return self.local.scores(queries, passages)
+
+    def loss(self, scores: BatchScores) -> LossOutput:
+        """Shapes: scores (Bq·W, Bp), this rank's passages against every rank's queries."""
+        local, world, rank = self.local, dist.get_world_size(), dist.get_rank()
+        _same_rows_everywhere(scores.dense.shape[1], "passages", scores.dense.device)
+        teacher = local.teacher_scores
         teacher_all = None if teacher is None else _gather_rows(teacher)
-        global_scores = dense_scores(q_dense, p_dense) / config.temperature
-        dense_global = contrastive_loss(global_scores, group_size, config, _probs(teacher_all))
-        local = m3_loss(batch_scores(q, p, config), group_size, config, step, teacher, dense_global * world)
-        parts = dict(local.parts, dense=dense_global.detach())
-        return LossOutput(local.loss / world, parts)
+        if self.negatives == "all":
+            names = list(scores.tensors())
+            columns = _gather_cat([scores.tensors()[n] for n in names], dim=1, sum_grads=False)
+            global_scores = replace(scores, **dict(zip(names, columns)))
+            return m3_loss(global_scores, local.group_size, local.config, local.step, teacher_all)
 
-
-def _probs(teacher: torch.Tensor | None) -> torch.Tensor | None:
-    return None if teacher is None else torch.softmax(teacher, dim=-1)
+        (dense_all,) = _gather_cat([scores.dense], dim=1, sum_grads=False)
+        probs = None if teacher_all is None else torch.softmax(teacher_all, dim=-1)
+        dense_global = contrastive_loss(dense_all, local.group_size, local.config, probs)
+        n = scores.dense.shape[0] // world
+        own = scores.map(lambda t: t[rank * n : (rank + 1) * n])  # this rank's queries (in-batch)
+        out = m3_loss(own, local.group_size, local.config, local.step, teacher, dense_global * world)
+        return LossOutput(out.loss / world, dict(out.parts, dense=dense_global.detach()))
 
 
 def all_reduce_gradients(model: torch.nn.Module, bucket_bytes: int = 2**25) -> None:

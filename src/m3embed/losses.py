@@ -7,7 +7,8 @@ memory strategies (``m3embed.memory``) can all share it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -74,11 +75,30 @@ class LossOutput:
 
 @dataclass
 class BatchScores:
-    """Temperature-scaled query × passage scores of one batch. Shapes: each (Bq, Bp) or None."""
+    """Temperature-scaled query × passage scores of one batch. Shapes: each (Bq, Bp) or None.
+
+    Every score is a function of one query and one passage, so the columns of a block of passages
+    can be computed on their own and concatenated (what score-level gradient caching relies on).
+    """
 
     dense: torch.Tensor
     sparse: torch.Tensor | None = None
     colbert: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in vars(self).items() if t is not None}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BatchScores:
+        """A copy with ``fn`` applied to every score matrix that is present."""
+        return replace(self, **{name: fn(t) for name, t in self.tensors().items()})
+
+    @staticmethod
+    def cat(blocks: Sequence[BatchScores], dim: int = 1) -> BatchScores:
+        """Blocks of columns (``dim=1``) or of rows (``dim=0``) joined into one."""
+        names = blocks[0].tensors()
+        return replace(
+            blocks[0], **{name: torch.cat([getattr(b, name) for b in blocks], dim) for name in names}
+        )
 
 
 def batch_scores(q: M3Reps, p: M3Reps, config: LossConfig) -> BatchScores:
@@ -208,3 +228,30 @@ def m3_loss(
         loss = (loss + distill_sum) / c.final_normalizer
         parts.update(distill)
     return LossOutput(loss, {k: v.detach() for k, v in parts.items()})
+
+
+@dataclass(frozen=True)
+class M3Objective:
+    """The BGE-M3 objective of one batch, split the way the memory strategies need it.
+
+    ``scores(queries, passages)`` gives the score columns of any block of passages against the
+    queries; ``loss(scores)`` is the objective on the whole batch's score matrices. ``share`` maps this
+    process's queries to the queries the passages are scored against: the identity here, every rank's
+    queries under :class:`m3embed.distributed.CrossDeviceGather`.
+
+    Shapes: teacher_scores (Bq, G) raw teacher scores or None.
+    """
+
+    config: LossConfig
+    group_size: int
+    step: int = 0
+    teacher_scores: torch.Tensor | None = None
+
+    def share(self, queries: M3Reps) -> M3Reps:
+        return queries
+
+    def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
+        return batch_scores(queries.at_least_fp32(), passages.at_least_fp32(), self.config)
+
+    def loss(self, scores: BatchScores) -> LossOutput:
+        return m3_loss(scores, self.group_size, self.config, self.step, self.teacher_scores)

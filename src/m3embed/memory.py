@@ -1,15 +1,21 @@
 """Memory strategies for one contrastive training step: ``none``, ``checkpoint`` and ``cache``.
 
-All three take an encode function and a loss function and give the same loss and the same gradients
-(DESIGN.md section 4); they differ only in what they hold until backward:
+All three take an encode function and an objective and give the same loss and the same gradients
+(docs/design.md, "Memory"); they differ only in what they hold until backward:
 
 - ``none``: encode every sub-batch with autograd, one loss, one backward (holds every activation);
 - ``checkpoint``: the same with gradient checkpointing in the encoder (holds each layer's input);
-- ``cache``: gradient caching (Gao et al. 2021): encode without grad, backprop the loss to the
-  representations only, then re-encode one sub-batch at a time with the same RNG state and backprop
-  ``Σ rep·cached_grad`` (holds the representations and one sub-batch's activations).
+- ``cache``: gradient caching (Gao et al. 2021) with the passages cached at the score level. Queries
+  are encoded without grad and kept as representations (short, few); each passage sub-batch is
+  encoded without grad, scored against all queries and dropped, so only its score columns stay; the
+  loss is backpropagated to the score matrices; each passage sub-batch is re-encoded with the same
+  RNG state and backpropagates ``Σ S_block·dL/dS_block`` (which also accumulates the queries'
+  representation gradients); last the queries are re-encoded and backpropagate ``Σ rep·cached_grad``.
+  It holds the query representations, the ``(Bq, Bp)`` score matrices and one sub-batch's
+  activations, whatever the number, length or width of the passages.
 
-The memory trick knows nothing about the objective: ``loss_fn(q_reps, p_reps) -> LossOutput``.
+The memory trick knows nothing about the objective beyond :class:`Objective`: a score function of
+(queries, a block of passages) and a loss function of whole score matrices.
 """
 
 from __future__ import annotations
@@ -19,18 +25,39 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from m3embed.losses import LossOutput
+from m3embed.losses import BatchScores, LossOutput
 from m3embed.reps import M3Reps, merge, split_like
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], M3Reps]
-LossFn = Callable[[M3Reps, M3Reps], LossOutput]
+
+
+class Objective(Protocol):
+    """What a strategy needs of the objective, at the score level (e.g. ``m3embed.losses.M3Objective``).
+
+    Every score must be a function of one query and one passage, so that a block of passages can be
+    scored on its own and its columns concatenated with the others'.
+    """
+
+    def share(self, queries: M3Reps) -> M3Reps:
+        """This process's queries -> those every passage is scored against (autograd flows back)."""
+        ...
+
+    def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
+        """Shapes: queries (Bq, ...), passages (b, ...) -> each score (Bq, b)."""
+        ...
+
+    def loss(self, scores: BatchScores) -> LossOutput:
+        """The objective of the whole batch from its score matrices, each (Bq, Bp)."""
+        ...
+
+
 Strategy = Literal["none", "checkpoint", "cache"]
 STRATEGIES = ("none", "checkpoint", "cache")
 
@@ -140,7 +167,7 @@ class RandContext:
 # ---------------------------------------------------------------------- the step
 def run_step(
     encode: EncodeFn,
-    loss_fn: LossFn,
+    objective: Objective,
     queries: TokenBatch,
     passages: TokenBatch,
     config: MemoryConfig,
@@ -162,75 +189,111 @@ def run_step(
     p_plan = plan_sub_batches(passages.lengths(), size, config.sub_batch_tokens)
 
     if config.strategy == "cache":
-        return _cached_step(encode, loss_fn, queries, passages, q_plan, p_plan, no_sync)
+        return _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync)
     if config.strategy == "checkpoint":
         if gradient_checkpointing is None:
-            return _plain_step(_checkpointed(encode), loss_fn, queries, passages, q_plan, p_plan)
+            return _plain_step(_checkpointed(encode), objective, queries, passages, q_plan, p_plan)
         gradient_checkpointing(True)
         try:
-            return _plain_step(encode, loss_fn, queries, passages, q_plan, p_plan)
+            return _plain_step(encode, objective, queries, passages, q_plan, p_plan)
         finally:
             gradient_checkpointing(False)
-    return _plain_step(encode, loss_fn, queries, passages, q_plan, p_plan)
+    return _plain_step(encode, objective, queries, passages, q_plan, p_plan)
 
 
-def _plain_step(encode, loss_fn, queries, passages, q_plan, p_plan) -> LossOutput:
+def _plain_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOutput:
     """``none`` / ``checkpoint``: every sub-batch's graph stays alive until the one backward."""
     q = merge([encode(*_args(queries.select(rows))) for rows in q_plan], q_plan)
     p = merge([encode(*_args(passages.select(rows))) for rows in p_plan], p_plan)
-    out = loss_fn(q, p)
+    out = objective.loss(objective.scores(objective.share(q), p))
     out.loss.backward()
     return LossOutput(out.loss.detach(), out.parts)
 
 
-def _cached_step(encode, loss_fn, queries, passages, q_plan, p_plan, no_sync) -> LossOutput:
-    """``cache``: gradient caching, in three steps."""
-    jobs = [(queries, rows) for rows in q_plan] + [(passages, rows) for rows in p_plan]
+def _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync) -> LossOutput:
+    """``cache``: queries cached as representations, passages as score columns, in five steps."""
+    # Step (1): encode the queries without grad, remembering the RNG state each sub-batch started from;
+    # keep their representations (short texts, few of them). ``q_all`` are the queries every passage
+    # is scored against (every rank's, under cross-device negatives), with autograd back to ``q``.
+    q_states, q_parts = _encode_without_grad(encode, queries, q_plan)
+    q = merge(q_parts, q_plan).detach(requires_grad=True)
+    del q_parts
+    q_all = objective.share(q)
+    q_leaf = q_all.detach(requires_grad=True)  # collects dL/dq over every passage block of step (4)
 
-    # Step (1): encode every sub-batch without grad, remembering the RNG state each one started from.
+    # Step (2): each passage sub-batch without grad, scored against all queries; only its score
+    # columns are kept, its representations are dropped.
+    p_states, columns = [], []
+    with torch.no_grad():
+        for rows in p_plan:
+            sub = passages.select(rows)
+            p_states.append(RandContext(sub.input_ids.device))
+            columns.append(objective.scores(q_leaf, encode(*_args(sub))))
+    scores = BatchScores.cat(columns).map(lambda t: t[:, _inverse(p_plan, t.device)])  # batch order
+    scores = scores.map(lambda t: t.detach().requires_grad_())
+    del columns
+
+    # Step (3): the loss on the whole score matrices; backward stops at them: dL/dS, each (Bq, Bp).
+    out = objective.loss(scores)
+    out.loss.backward()
+    score_grads = scores.map(_grad_or_zeros)
+    del scores
+
+    # Step (4): re-encode each passage sub-batch with its RNG state, recompute its score columns and
+    # backprop Σ S_block·dL/dS_block: parameter gradients through the passages, dL/dq into q_leaf.
+    for rows, state in zip(p_plan, p_states):
+        with _sync(no_sync, last=False), state:
+            block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
+            _backward_dot(block.tensors(), score_grads.map(lambda g, r=rows: g[:, r.to(g.device)]).tensors())
+        del block
+
+    # Step (5): the queries' gradients (summed over ranks by ``share``'s backward), then re-encode each
+    # query sub-batch with its RNG state and backprop Σ rep·cached_grad.
+    _backward_dot(q_all.float_tensors(), q_leaf.map(_grad_or_zeros).float_tensors())
+    q_grads = split_like(q.map(_grad_or_zeros), q_plan, [_longest(queries, r) for r in q_plan])
+    del q, q_all, q_leaf
+    for k, (rows, state, grad) in enumerate(zip(q_plan, q_states, q_grads)):
+        with _sync(no_sync, last=k == len(q_plan) - 1), state:
+            rep = encode(*_args(queries.select(rows)))
+            _backward_dot(rep.float_tensors(), grad)
+    return LossOutput(out.loss.detach(), out.parts)
+
+
+def _encode_without_grad(encode, batch: TokenBatch, plan) -> tuple[list[RandContext], list[M3Reps]]:
     states, reps = [], []
     with torch.no_grad():
-        for batch, rows in jobs:
+        for rows in plan:
             sub = batch.select(rows)
             states.append(RandContext(sub.input_ids.device))
             reps.append(encode(*_args(sub)))
-    n_q = len(q_plan)
-    q = merge(reps[:n_q], q_plan).detach(requires_grad=True)
-    p = merge(reps[n_q:], p_plan).detach(requires_grad=True)
-    del reps
+    return states, reps
 
-    # Step (2): the loss on the detached representations; backward stops at them (the cache).
-    out = loss_fn(q, p)
-    out.loss.backward()
-    grads = split_like(_grads_of(q), q_plan, [_longest(queries, r) for r in q_plan]) + split_like(
-        _grads_of(p), p_plan, [_longest(passages, r) for r in p_plan]
-    )
-    del q, p
 
-    # Step (3): re-encode each sub-batch with its RNG state and backprop Σ rep·cached_grad.
-    for k, ((batch, rows), state, grad) in enumerate(zip(jobs, states, grads)):
-        last = k == len(jobs) - 1
-        sync = contextlib.nullcontext() if (no_sync is None or last) else no_sync()
-        with sync, state:
-            rep = encode(*_args(batch.select(rows)))
-            surrogate = sum((t * grad[name]).sum() for name, t in rep.float_tensors().items())
-            surrogate.backward()
-    return LossOutput(out.loss.detach(), out.parts)
+def _backward_dot(tensors: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
+    """Backprop ``Σ_name (tensors[name] · grads[name]).sum()``; tensors without a graph are skipped."""
+    pairs = [(t, grads[name]) for name, t in tensors.items() if t.requires_grad]
+    if pairs:
+        torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
+
+
+def _sync(no_sync, last: bool) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if (no_sync is None or last) else no_sync()
+
+
+def _inverse(plan: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Positions in the concatenated plan order of each batch row (the plan lists rows longest first)."""
+    index = torch.cat(plan).to(device)
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(len(index), device=device)
+    return inverse
+
+
+def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
 
 
 def _longest(batch: TokenBatch, rows: torch.Tensor) -> int:
     return int(batch.attention_mask[rows].sum(1).max())
-
-
-def _grads_of(reps: M3Reps) -> M3Reps:
-    def grad(t):
-        if t is None:
-            return None
-        return t.grad if t.grad is not None else torch.zeros_like(t)
-
-    return M3Reps(
-        grad(reps.dense), grad(reps.token_weights), grad(reps.colbert), reps.input_ids, reps.attention_mask
-    )
 
 
 def _args(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:

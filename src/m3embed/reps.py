@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -37,12 +38,17 @@ class M3Reps:
     def float_tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in self.FLOAT_FIELDS if getattr(self, name) is not None}
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> M3Reps:
+        """A copy with ``fn`` applied to every float field that is present (ids and mask are shared)."""
+        return replace(self, **{name: fn(t) for name, t in self.float_tensors().items()})
+
     def detach(self, requires_grad: bool = False) -> M3Reps:
         """A copy cut from the graph; with ``requires_grad`` the float fields become leaves for caching."""
-        out = replace(self)
-        for name, t in self.float_tensors().items():
-            setattr(out, name, t.detach().requires_grad_(requires_grad))
-        return out
+        return self.map(lambda t: t.detach().requires_grad_(requires_grad))
+
+    def at_least_fp32(self) -> M3Reps:
+        """Scores and losses run in at least fp32 even when the encoder ran under autocast."""
+        return self.map(lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
 
 
 def pad_length(t: torch.Tensor, length: int, dim: int = 1, value: float = 0) -> torch.Tensor:

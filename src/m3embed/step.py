@@ -12,10 +12,9 @@ from typing import Any, Literal
 import torch
 
 from m3embed.distributed import CrossDeviceGather
-from m3embed.losses import LossConfig, LossOutput, batch_scores, m3_loss
+from m3embed.losses import LossConfig, M3Objective
 from m3embed.memory import EncodeFn, MemoryConfig, TokenBatch, run_step
 from m3embed.model import M3Model, check_texts
-from m3embed.reps import M3Reps
 
 TextsOrTokens = Sequence[str] | TokenBatch | Mapping[str, torch.Tensor]
 
@@ -69,17 +68,15 @@ def train_step(
     if autocast_dtype is not None:
         encode = _autocast(encode, device, autocast_dtype)
 
-    def loss_fn(q: M3Reps, p: M3Reps) -> LossOutput:
-        q, p = _float(q), _float(p)
-        if gather is not None:
-            return gather.loss(q, p, teacher, group_size, loss, step)
-        return m3_loss(batch_scores(q, p, loss), group_size, loss, step, teacher)
+    objective = M3Objective(loss, group_size, step, teacher)
+    if gather is not None:
+        objective = gather.objective(objective)
 
     def checkpointing(on: bool) -> None:
         model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
 
     out = run_step(
-        encode, loss_fn, q_batch, p_batch, memory, gradient_checkpointing=checkpointing, no_sync=no_sync
+        encode, objective, q_batch, p_batch, memory, gradient_checkpointing=checkpointing, no_sync=no_sync
     )
     return out.as_floats()
 
@@ -94,17 +91,6 @@ def _tokens(model: M3Model, texts: TextsOrTokens, max_length: int, device: torch
         check_texts(texts)
         batch = TokenBatch(**model.tokenize(texts, max_length))
     return TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device))
-
-
-def _float(reps: M3Reps) -> M3Reps:
-    """Scores and losses in at least fp32 even when the encoder ran under autocast (fp64 stays fp64)."""
-
-    def up(t: torch.Tensor | None) -> torch.Tensor | None:
-        return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
-
-    return M3Reps(
-        up(reps.dense), up(reps.token_weights), up(reps.colbert), reps.input_ids, reps.attention_mask
-    )
 
 
 def _autocast(encode: EncodeFn, device: torch.device, dtype: torch.dtype) -> EncodeFn:
