@@ -1,4 +1,4 @@
-"""2 gloo processes × B/2 give the gradient of 1 process × B (DESIGN.md section 6).
+"""2 gloo processes × B/2 give the gradient of 1 process × B (docs/design.md, "Distributed").
 
 The models run in float64: in float32 the two runs sum the embedding gradient's rows in another order
 (per rank, then across ranks) and pad texts differently, which moves elements near zero by ~1e-6, the

@@ -1,4 +1,4 @@
-"""M3Model: outputs equal DESIGN.md section 2's formulas, BGE-M3 layout round trips, bad input."""
+"""M3Model: outputs equal the formulas of docs/design.md, "Model", BGE-M3 layout round trips, bad input."""
 
 import logging
 

@@ -1,4 +1,4 @@
-"""Batch scores equal the naive formulas of DESIGN.md section 2, values and gradients."""
+"""Batch scores equal the naive formulas of docs/design.md, "Model", values and gradients."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The memory strategies give the loss and gradients of plain autograd (DESIGN.md section 4)."""
+"""The memory strategies give the loss and gradients of plain autograd (docs/design.md, "Memory")."""
 
 import pytest
 import torch
@@ -157,3 +157,40 @@ def test_checkpoint_without_encoder_support_checkpoints_whole_sub_batches(xlmr_t
             (out.as_floats(), {n: t.grad.clone() for n, t in model.named_parameters()}, torch.get_rng_state())
         )
     assert_same(*results)
+
+
+@pytest.mark.parametrize("strategy", ["none", "cache"])
+def test_cache_holds_no_passage_representation_at_the_loss(xlmr_tokenizer, strategy):
+    """Score-level caching: when the loss runs, every passage representation is gone (``none``, the
+    control, still holds them), and the passages were scored one sub-batch at a time."""
+    import gc
+    import weakref
+
+    from m3embed.losses import M3Objective
+    from m3embed.memory import run_step
+
+    seen: list[weakref.ref] = []
+    blocks: list[int] = []
+    alive_at_loss: list[int] = []
+
+    class Watching(M3Objective):
+        def scores(self, queries, passages):
+            seen.extend(weakref.ref(t) for t in passages.float_tensors().values())
+            blocks.append(len(passages))
+            return super().scores(queries, passages)
+
+        def loss(self, scores):
+            gc.collect()
+            alive_at_loss.append(sum(ref() is not None for ref in seen))
+            return super().loss(scores)
+
+    model = tiny_model(tokenizer=xlmr_tokenizer, seed=0).train()
+    q = TokenBatch(**model.tokenize(QUERIES, 64))
+    p = TokenBatch(**model.tokenize(PASSAGES, 64))
+    run_step(model, Watching(LossConfig(), G), q, p, MemoryConfig(strategy, sub_batch_size=4))
+    if strategy == "cache":
+        assert alive_at_loss == [0], alive_at_loss
+        assert blocks == [4, 4, 4, 3] * 2, blocks  # step (2) and step (4), one sub-batch at a time
+    else:
+        assert alive_at_loss == [3], alive_at_loss  # dense, sparse weights, ColBERT of the whole batch
+        assert blocks == [len(PASSAGES)], blocks

@@ -1,4 +1,4 @@
-"""The BGE-M3 unified fine-tuning objective as pure functions of scores (DESIGN.md section 3).
+"""The BGE-M3 unified fine-tuning objective as pure functions of scores (docs/design.md, "Objective").
 
 Every constant of the objective is a named field of :class:`LossConfig`; none is written inline.
 The loss sees whole-batch representations and knows nothing about how they were computed, so the
