@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from m3embed.losses import BatchScores, LossOutput, M3Objective, contrastive_loss, m3_loss
-from m3embed.reps import M3Reps, pad_length
+from m3embed.reps import M3Reps
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +126,12 @@ def gather_reps(reps: M3Reps) -> M3Reps:
     length = torch.tensor([reps.input_ids.shape[1]], device=device)
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     length = int(length.item())
-    padded = replace(
-        reps,
-        token_weights=None if reps.token_weights is None else pad_length(reps.token_weights, length),
-        colbert=None if reps.colbert is None else pad_length(reps.colbert, length - 1),
-        input_ids=pad_length(reps.input_ids, length),
-        attention_mask=pad_length(reps.attention_mask, length),
-    )
-    names = list(padded.float_tensors())
-    gathered = _gather_cat([getattr(padded, n) for n in names], dim=0, sum_grads=True)
+    padded = reps.padded(length)
+    floats = padded.float_tensors()
+    gathered = _gather_cat(list(floats.values()), dim=0, sum_grads=True)
     return replace(
         padded,
-        **dict(zip(names, gathered)),
+        **dict(zip(floats, gathered)),
         input_ids=_gather_rows(padded.input_ids),
         attention_mask=_gather_rows(padded.attention_mask),
     )
@@ -191,9 +185,9 @@ class CrossDeviceObjective:
         teacher = local.teacher_scores
         teacher_all = None if teacher is None else _gather_rows(teacher)
         if self.negatives == "all":
-            names = list(scores.tensors())
-            columns = _gather_cat([scores.tensors()[n] for n in names], dim=1, sum_grads=False)
-            global_scores = replace(scores, **dict(zip(names, columns)))
+            parts = scores.tensors()
+            columns = _gather_cat(list(parts.values()), dim=1, sum_grads=False)
+            global_scores = replace(scores, **dict(zip(parts, columns)))
             return m3_loss(global_scores, local.group_size, local.config, local.step, teacher_all)
 
         (dense_all,) = _gather_cat([scores.dense], dim=1, sum_grads=False)

@@ -24,14 +24,14 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from m3embed.losses import BatchScores, LossOutput
-from m3embed.reps import M3Reps, merge, split_like
+from m3embed.reps import M3Reps, inverse_permutation, merge, split_like
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +229,9 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync) 
             sub = passages.select(rows)
             p_states.append(RandContext(sub.input_ids.device))
             columns.append(objective.scores(q_leaf, encode(*_args(sub))))
-    scores = BatchScores.cat(columns).map(lambda t: t[:, _inverse(p_plan, t.device)])  # batch order
+    scores = BatchScores.cat(columns).map(
+        lambda t: t[:, inverse_permutation(p_plan, t.device)]
+    )  # batch order
     scores = scores.map(lambda t: t.detach().requires_grad_())
     del columns
 
@@ -280,14 +282,6 @@ def _sync(no_sync, last: bool) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if (no_sync is None or last) else no_sync()
 
 
-def _inverse(plan: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Positions in the concatenated plan order of each batch row (the plan lists rows longest first)."""
-    index = torch.cat(plan).to(device)
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(len(index), device=device)
-    return inverse
-
-
 def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
@@ -304,12 +298,16 @@ def _checkpointed(encode: EncodeFn) -> EncodeFn:
     """Checkpoint a whole encode call (for encoders without layer-level checkpointing)."""
 
     def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
-        def fn(ids, mask):
-            r = encode(ids, mask)
-            return r.dense, r.token_weights, r.colbert
+        names: list[str] = []
 
-        dense, weights, colbert = checkpoint(fn, input_ids, attention_mask, use_reentrant=False)
-        return M3Reps(dense, weights, colbert, input_ids, attention_mask)
+        def fn(ids, mask):
+            floats = encode(ids, mask).float_tensors()
+            names[:] = floats
+            return tuple(floats.values())
+
+        outputs = checkpoint(fn, input_ids, attention_mask, use_reentrant=False)
+        empty = M3Reps(outputs[0], None, None, input_ids, attention_mask)
+        return replace(empty, **dict(zip(names, outputs)))
 
     return run
 
