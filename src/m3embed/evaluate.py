@@ -14,6 +14,7 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def evaluate_beir(
     with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
         out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
         started = time.perf_counter()
-        encode_corpus(model, _filtered(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
+        encode_corpus(model, _Subset(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
         encoded = time.perf_counter()
         searcher = Searcher(out, model, search_options)
         run_modes = [m for m in modes if m in searcher.modes]
@@ -210,10 +211,15 @@ def _select_documents(
     return present | set(sample), len(ids)
 
 
-def _filtered(corpus: Path, keep: set[str] | None) -> Iterator[Document]:
-    for doc in read_corpus(corpus):
-        if keep is None or doc.id in keep:
-            yield doc
+@dataclass(frozen=True)
+class _Subset:
+    """The documents of ``corpus`` whose id is in ``keep`` (all with None); each iteration rereads."""
+
+    corpus: Path
+    keep: set[str] | None
+
+    def __iter__(self) -> Iterator[Document]:
+        return (doc for doc in read_corpus(self.corpus) if self.keep is None or doc.id in self.keep)
 
 
 def markdown_report(result: Mapping[str, Any], metric: str = "ndcg@10") -> str:
