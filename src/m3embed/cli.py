@@ -505,7 +505,7 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_user_errors(_run_eval))
 
     p = sub.add_parser("mine", help="mine hard negatives with the model into a new training file")
@@ -531,6 +531,7 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_user_errors(_run_mine))
 
 
@@ -569,7 +570,7 @@ def _load_model(path: str, args: argparse.Namespace, config: dict | None = None)
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from m3embed.index import IndexOptions, encode_corpus
+    from m3embed.index import IndexOptions, encode_corpus, index_summary
 
     options = IndexOptions(
         max_length=args.max_length,
@@ -589,7 +590,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         show_progress_bar=not args.no_progress,
     )
-    print(out)
+    print(index_summary(out))
     return 0
 
 
@@ -674,7 +675,13 @@ def _run_mine(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     stats = mine_hard_negatives(
-        model, args.train, args.corpus, args.output, options, index_dir=args.index_dir
+        model,
+        args.train,
+        args.corpus,
+        args.output,
+        options,
+        index_dir=args.index_dir,
+        show_progress_bar=not args.no_progress,
     )
     print(f"wrote {stats['lines']} lines to {args.output} ({stats['padded']} padded with random negatives)")
     return 0
@@ -692,12 +699,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party loggers that speak at INFO on every run: faiss's loader tells, on every import, which
+# CPU-specific builds it could not load ("Could not load library with AVX512 support ...").
+_CHATTY_LOGGERS = ("faiss",)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in _CHATTY_LOGGERS:  # their INFO lines are noise to a user (shown with -v)
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     return int(args.func(args) or 0)
 
 
