@@ -745,3 +745,21 @@ def test_cli_search_does_not_print_faiss_loader_chatter(
     )
     assert done.returncode == 0, done.stderr
     assert "faiss" not in done.stderr, done.stderr
+
+
+def test_eval_defaults_are_the_shared_ones_and_help_says_them(capsys) -> None:
+    import inspect
+
+    from m3embed.cli import build_parser
+    from m3embed.eval_defaults import EVAL_DEFAULTS
+
+    args = build_parser().parse_args(["eval", "MODEL", "FOLDER"])
+    signature = inspect.signature(evaluate_beir).parameters
+    for name in ("query_max_length", "passage_max_length", "batch_size", "top_k", "candidates", "seed"):
+        assert getattr(args, name) == signature[name].default == getattr(EVAL_DEFAULTS, name), name
+    assert args.split == signature["split"].default == EVAL_DEFAULTS.split
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert EVAL_DEFAULTS.describe() in help_text
+    assert f"(default {EVAL_DEFAULTS.query_max_length}, as the demo)" in help_text

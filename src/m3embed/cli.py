@@ -483,11 +483,19 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_user_errors(_run_search))
 
-    p = sub.add_parser("eval", help="encode + search + nDCG@10 / Recall@100 / MRR@10 on a BEIR folder")
+    from m3embed.eval_defaults import EVAL_DEFAULTS as ED
+
+    p = sub.add_parser(
+        "eval",
+        help="encode + search + nDCG@10 / Recall@100 / MRR@10 on a BEIR folder",
+        description="Encode a BEIR folder's corpus, search it in every mode and score the runs. The "
+        "defaults are the ones the demo and `m3embed train --eval` use, so a checkpoint gets the same "
+        f"numbers from all three: {ED.describe()}.",
+    )
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     _model_args(p)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
     p.add_argument("--modes", nargs="+", choices=modes, default=list(modes))
     p.add_argument(
         "--weights", type=float, nargs=3, default=(0.4, 0.2, 0.4), metavar=("DENSE", "SPARSE", "COLBERT")
@@ -495,12 +503,34 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-docs", type=int, help="relevant documents + a seeded random sample of the rest, N in all"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-docs sample")
-    p.add_argument("--query-max-length", type=int, default=128)
-    p.add_argument("--passage-max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument(
+        "--seed", type=int, default=ED.seed, help=f"seed of the --max-docs sample (default {ED.seed})"
+    )
+    p.add_argument(
+        "--query-max-length",
+        type=int,
+        default=ED.query_max_length,
+        help=f"query truncation in tokens (default {ED.query_max_length}, as the demo)",
+    )
+    p.add_argument(
+        "--passage-max-length",
+        type=int,
+        default=ED.passage_max_length,
+        help=f"passage truncation in tokens (default {ED.passage_max_length}, as the demo)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=ED.batch_size,
+        help=f"texts per encode batch (default {ED.batch_size})",
+    )
+    p.add_argument("--top-k", type=int, default=ED.top_k, help=f"hits per query (default {ED.top_k})")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=ED.candidates,
+        help=f"dense and sparse top-N fed to ColBERT rerank and fusion (default {ED.candidates})",
+    )
     p.add_argument(
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )

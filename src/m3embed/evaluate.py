@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from m3embed.beir import BeirFolder, Document, read_corpus, read_qrels, read_queries
+from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.index import IndexOptions, encode_corpus, model_name
 from m3embed.model import M3Model
 from m3embed.search import DEFAULT_WEIGHTS, MODES, Run, Searcher, SearchOptions
@@ -59,23 +60,26 @@ def compute_metrics(
 def evaluate_beir(
     model: M3Model,
     folder: str | os.PathLike,
-    split: str = "test",
+    split: str = EVAL_DEFAULTS.split,
     *,
-    query_max_length: int = 128,
-    passage_max_length: int = 512,
-    batch_size: int = 32,
+    query_max_length: int = EVAL_DEFAULTS.query_max_length,
+    passage_max_length: int = EVAL_DEFAULTS.passage_max_length,
+    batch_size: int = EVAL_DEFAULTS.batch_size,
     max_docs: int | None = None,
     modes: Sequence[str] = MODES,
     weights: Sequence[float] = DEFAULT_WEIGHTS,
-    top_k: int = 100,
-    candidates: int = 100,
-    seed: int = 0,
+    top_k: int = EVAL_DEFAULTS.top_k,
+    candidates: int = EVAL_DEFAULTS.candidates,
+    seed: int = EVAL_DEFAULTS.seed,
     index_dir: str | os.PathLike | None = None,
     dtype: str = "float32",
     show_progress_bar: bool = False,
     return_runs: bool = False,
 ) -> dict[str, Any]:
     """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
+
+    Unset settings are :data:`m3embed.eval_defaults.EVAL_DEFAULTS`, the ones the demo and
+    ``m3embed train --eval`` use, so a checkpoint gets the same numbers from every entry point.
 
     ``max_docs`` limits the corpus to every document relevant to an evaluated query plus a
     deterministic (``seed``) random sample of the others, ``max_docs`` in total, for quick runs.
