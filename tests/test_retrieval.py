@@ -763,3 +763,36 @@ def test_eval_defaults_are_the_shared_ones_and_help_says_them(capsys) -> None:
     help_text = " ".join(capsys.readouterr().out.split())
     assert EVAL_DEFAULTS.describe() in help_text
     assert f"(default {EVAL_DEFAULTS.query_max_length}, as the demo)" in help_text
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        (
+            "qrels/test.tsv",
+            b"query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\tx\n",
+            r"test\.tsv, line 3: score 'x'",
+        ),
+        ("corpus.jsonl", b'{"_id": "d99", "title": "t"}\n', r"corpus\.jsonl, line 41: missing field 'text'"),
+        (
+            "queries.jsonl",
+            b'{"_id": "q9", "text": "\xff"}\n',
+            r"queries\.jsonl, line 7, byte offset \d+: not UTF-8",
+        ),
+    ],
+)
+def test_eval_checks_every_file_before_encoding(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch, file: str, content: bytes, message: str
+) -> None:
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (folder / name).write_bytes((beir / name).read_bytes())
+    if file == "qrels/test.tsv":
+        (folder / file).write_bytes(content)
+    else:
+        (folder / file).write_bytes((folder / file).read_bytes() + content)  # a bad last line
+    calls = _counting_encode(xlmr_model, monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        evaluate_beir(xlmr_model, folder)
+    assert calls == []

@@ -423,7 +423,8 @@ def index_summary(index_dir: str | os.PathLike) -> str:
     line = f"{path}: {counts['documents']} documents"
     if run.get("reused"):
         line += f" ({run['encoded']} encoded, {run['reused']} reused)"
-    line += f" in {len(manifest['shards'])} shards, {_human_bytes(size)}"
+    n_shards = len(manifest["shards"])
+    line += f" in {n_shards} shard{'s' if n_shards > 1 else ''}, {_human_bytes(size)}"
     if "seconds" in run:
         line += f", {run['seconds']:.1f} s"
     if counts.get("title_only"):
