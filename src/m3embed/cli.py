@@ -690,6 +690,7 @@ def _run_search(args: argparse.Namespace) -> int:
     from m3embed.search import Searcher, SearchOptions, write_jsonl, write_trec
 
     index = CorpusIndex(args.index)
+    queries = {qid: q.text for qid, q in read_queries(args.queries).items()}  # checked before the model loads
     recorded = index.manifest["model"]
     model_path = args.model or recorded["name"]
     if not model_path:
@@ -704,7 +705,6 @@ def _run_search(args: argparse.Namespace) -> int:
         use_faiss=not args.numpy,
     )
     searcher = Searcher(index, model, options)
-    queries = {qid: q.text for qid, q in read_queries(args.queries).items()}
     runs = searcher.search_modes(queries, args.mode)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
