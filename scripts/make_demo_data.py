@@ -2,7 +2,7 @@
 
 Deterministic: the same source and seed give byte-identical files.
 
-    python scripts/make_demo_data.py --source ../shared/data/debdesc --out src/m3embed/demo_data
+    python scripts/make_demo_data.py --source data/debdesc --out src/m3embed/demo_data
 
 * ``train.jsonl``: ``--train-lines`` lines drawn uniformly without replacement from
   ``train/train.jsonl.gz`` (kept in file order), each cut to its positive and its first
@@ -93,7 +93,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--source", type=Path, default=Path("../shared/data/debdesc"), help="the debdesc folder"
+        "--source",
+        type=Path,
+        default=Path("data/debdesc"),
+        help="the debdesc folder (not part of the package; docs/training.md)",
     )
     parser.add_argument("--out", type=Path, default=Path("src/m3embed/demo_data"))
     parser.add_argument("--train-lines", type=int, default=300)

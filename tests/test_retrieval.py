@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import ir_measures
@@ -10,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import m3embed.mine
 from m3embed.beir import read_corpus, read_qrels, read_queries
 from m3embed.cli import main
 from m3embed.evaluate import compute_metrics, evaluate_beir, markdown_report
@@ -548,3 +553,246 @@ def test_flagembedding_m3_loads_without_its_package_init() -> None:
         pytest.skip(f"FlagEmbedding not importable: {err}")
     assert hasattr(module, "M3Embedder")
     assert load_flagembedding_m3() is module
+
+
+# ---------------------------------------------------------------------- input checked before encoding
+def _counting_encode(model, monkeypatch) -> list[int]:
+    """Patch ``model.encode`` to record how many texts each call encodes."""
+    real_encode, calls = model.encode, []
+
+    def encode(texts, **kwargs):
+        calls.append(len(texts))
+        return real_encode(texts, **kwargs)
+
+    monkeypatch.setattr(model, "encode", encode)
+    return calls
+
+
+def test_bad_last_line_fails_before_any_shard_is_written(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    lines = (beir / "corpus.jsonl").read_text().splitlines(keepends=True)
+    corpus.write_text("".join(lines) + '{"_id": "d40", "txt": "a typo in the field name"}\n')
+    calls = _counting_encode(xlmr_model, monkeypatch)
+    out = tmp_path / "index"
+    with pytest.raises(ValueError, match=r"corpus\.jsonl, line 41: missing field 'text'"):
+        encode_corpus(xlmr_model, corpus, out, IndexOptions(shard_size=7), show_progress_bar=False)
+    assert calls == []  # nothing was encoded
+    assert not list(out.glob("shard-*")) if out.exists() else True
+
+
+def test_after_a_fix_only_the_shards_whose_documents_changed_are_encoded_again(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    rows = [json.loads(line) for line in (beir / "corpus.jsonl").read_text().splitlines()]
+    _write_jsonl(corpus, rows)
+    options = IndexOptions(shard_size=7)
+    out = tmp_path / "index"
+    encode_corpus(xlmr_model, corpus, out, options, show_progress_bar=False)
+
+    rows[37]["text"] = "a corrected text"  # shard 5 holds documents 35-39
+    _write_jsonl(corpus, rows)
+    calls = _counting_encode(xlmr_model, monkeypatch)
+    encode_corpus(xlmr_model, corpus, out, options, show_progress_bar=False)
+    assert calls == [5]  # the other 35 documents are reused
+    manifest = CorpusIndex(out).manifest
+    assert manifest["last_run"] == {**manifest["last_run"], "encoded": 5, "reused": 35}
+
+    fresh = CorpusIndex(
+        encode_corpus(xlmr_model, corpus, tmp_path / "fresh", options, show_progress_bar=False)
+    )
+    updated = CorpusIndex(out)
+    assert updated.ids == fresh.ids
+    np.testing.assert_allclose(updated.dense, fresh.dense, atol=1e-6)
+    assert manifest["counts"] == fresh.manifest["counts"]
+
+    calls.clear()
+    encode_corpus(xlmr_model, corpus, out, options, show_progress_bar=False)
+    assert calls == []  # complete and unchanged: nothing to do
+
+
+def test_empty_corpus_is_an_error(xlmr_model, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl: the corpus file has no documents"):
+        encode_corpus(xlmr_model, corpus, tmp_path / "index", show_progress_bar=False)
+    with pytest.raises(ValueError, match="has no documents"):
+        encode_corpus(xlmr_model, [], tmp_path / "index", show_progress_bar=False)
+    assert not (tmp_path / "index").exists()
+
+
+def test_title_only_documents_are_encoded_from_their_title_and_counted(
+    xlmr_model, tmp_path: Path, capsys
+) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    _write_jsonl(
+        corpus,
+        [
+            {"_id": "d1", "title": "A title", "text": "and a body"},
+            {"_id": "d2", "title": "Only a title", "text": ""},
+            {"_id": "d3", "title": "", "text": "only a body"},
+        ],
+    )
+    assert [d.text for d in read_corpus(corpus)] == ["A title and a body", "Only a title", "only a body"]
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    out = tmp_path / "index"
+    assert main(["encode", str(model_dir), str(corpus), str(out), "--no-progress"]) == 0
+    assert "1 document had no text; encoded from its title" in capsys.readouterr().out
+    index = CorpusIndex(out)
+    assert index.ids == ["d1", "d2", "d3"] and index.manifest["counts"]["title_only"] == 1
+    direct = xlmr_model.encode(["Only a title"])["dense_vecs"][0]
+    np.testing.assert_allclose(index.dense[1], direct, atol=1e-5)
+
+    _write_jsonl(corpus, [{"_id": "d1", "text": "fine"}, {"_id": "d2", "title": " ", "text": ""}])
+    with pytest.raises(ValueError, match=r"corpus\.jsonl, line 2: field 'text' .*no 'title'"):
+        list(read_corpus(corpus))
+
+
+def test_non_utf8_byte_names_file_line_and_offset(xlmr_model, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus.jsonl"
+    first = b'{"_id": "d1", "text": "fine"}\n'
+    corpus.write_bytes(first + b'{"_id": "d2", "text": "caf\xe9"}\n')  # Latin-1 'é'
+    offset = len(first) + 26
+    expected = rf"corpus\.jsonl, line 2, byte offset {offset}: not UTF-8 \(byte 0xe9\)"
+    with pytest.raises(ValueError, match=expected):
+        encode_corpus(xlmr_model, corpus, tmp_path / "index", show_progress_bar=False)
+    queries = tmp_path / "queries.tsv"
+    queries.write_bytes(b"q1\tok\nq2\t\xff\n")
+    with pytest.raises(ValueError, match=r"queries\.tsv, line 2, byte offset 9: not UTF-8"):
+        read_queries(queries)
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    assert main(["encode", str(model_dir), str(corpus), str(tmp_path / "i"), "--no-progress"]) == 2
+    assert f"line 2, byte offset {offset}: not UTF-8" in capsys.readouterr().err
+
+
+def test_mine_checks_its_input_first_and_never_leaves_partial_output(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    docs = _corpus_texts(beir)
+    train = tmp_path / "train.jsonl"
+    _write_jsonl(train, [{"query": "a tool", "pos": [docs[0]]}] * 3 + [{"query": "q", "pos": "not a list"}])
+    out = tmp_path / "mined.jsonl"
+    out.write_text("an earlier output\n")
+    calls = _counting_encode(xlmr_model, monkeypatch)
+    with pytest.raises(ValueError, match=r"train\.jsonl, line 4: field 'pos'"):
+        mine_hard_negatives(xlmr_model, train, beir / "corpus.jsonl", out)
+    assert calls == []  # failed before encoding the corpus
+    assert out.read_text() == "an earlier output\n"
+
+    _write_jsonl(train, [{"query": "a tool", "pos": [docs[0]]}] * 3)
+    real_batch = m3embed.mine._mine_batch
+
+    def dies_after_writing(*args, **kwargs):
+        real_batch(*args, **kwargs)
+        raise KeyboardInterrupt  # the run is killed after some lines are written
+
+    monkeypatch.setattr(m3embed.mine, "_mine_batch", dies_after_writing)
+    with pytest.raises(KeyboardInterrupt):
+        mine_hard_negatives(xlmr_model, train, beir / "corpus.jsonl", out, MineOptions(queries_per_search=1))
+    assert out.read_text() == "an earlier output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mined.jsonl", "train.jsonl"]
+
+
+def test_cli_mine_shows_progress_unless_told_not_to(xlmr_model, beir: Path, tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    train = tmp_path / "train.jsonl"
+    _write_jsonl(train, [{"query": "a tool", "pos": [_corpus_texts(beir)[0]]}])
+    args = [
+        "mine",
+        str(model_dir),
+        str(train),
+        str(beir / "corpus.jsonl"),
+        "--output",
+        str(tmp_path / "o.jsonl"),
+    ]
+    assert main([*args, "--range", "1", "5", "--negatives", "2"]) == 0
+    assert "Mining negatives" in capsys.readouterr().err
+    assert main([*args, "--range", "1", "5", "--negatives", "2", "--no-progress"]) == 0
+    assert "Mining negatives" not in capsys.readouterr().err
+
+
+def test_cli_encode_ends_with_a_summary_line(xlmr_model, beir: Path, tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    index = tmp_path / "index"
+    args = ["encode", str(model_dir), str(beir / "corpus.jsonl"), str(index), "--shard-size", "16"]
+    assert main([*args, "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert re.fullmatch(rf"{re.escape(str(index))}: 40 documents in 3 shards, [\d.]+ KiB, [\d.]+ s", line), (
+        line
+    )
+
+
+def test_cli_search_does_not_print_faiss_loader_chatter(
+    searcher: Searcher, beir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("faiss")
+    model_dir = tmp_path / "model"
+    searcher.model.save_pretrained(model_dir)
+    args = ["search", str(searcher.index.path), str(beir / "queries.jsonl"), "--model", str(model_dir)]
+    env = {**os.environ, "PYTHONPATH": str(Path(m3embed.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-m", "m3embed", *args, "--output", str(tmp_path / "runs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "faiss" not in done.stderr, done.stderr
+
+
+def test_eval_defaults_are_the_shared_ones_and_help_says_them(capsys) -> None:
+    import inspect
+
+    from m3embed.cli import build_parser
+    from m3embed.eval_defaults import EVAL_DEFAULTS
+
+    args = build_parser().parse_args(["eval", "MODEL", "FOLDER"])
+    signature = inspect.signature(evaluate_beir).parameters
+    for name in ("query_max_length", "passage_max_length", "batch_size", "top_k", "candidates", "seed"):
+        assert getattr(args, name) == signature[name].default == getattr(EVAL_DEFAULTS, name), name
+    assert args.split == signature["split"].default == EVAL_DEFAULTS.split
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert EVAL_DEFAULTS.describe() in help_text
+    assert f"(default {EVAL_DEFAULTS.query_max_length}, as the demo)" in help_text
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        (
+            "qrels/test.tsv",
+            b"query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\tx\n",
+            r"test\.tsv, line 3: score 'x'",
+        ),
+        ("corpus.jsonl", b'{"_id": "d99", "title": "t"}\n', r"corpus\.jsonl, line 41: missing field 'text'"),
+        (
+            "queries.jsonl",
+            b'{"_id": "q9", "text": "\xff"}\n',
+            r"queries\.jsonl, line 7, byte offset \d+: not UTF-8",
+        ),
+    ],
+)
+def test_eval_checks_every_file_before_encoding(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch, file: str, content: bytes, message: str
+) -> None:
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (folder / name).write_bytes((beir / name).read_bytes())
+    if file == "qrels/test.tsv":
+        (folder / file).write_bytes(content)
+    else:
+        (folder / file).write_bytes((folder / file).read_bytes() + content)  # a bad last line
+    calls = _counting_encode(xlmr_model, monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        evaluate_beir(xlmr_model, folder)
+    assert calls == []

@@ -1,5 +1,6 @@
 """The training loop, checkpoints, resume and ``m3embed train`` (tiny models, tiny data, fast)."""
 
+import hashlib
 import json
 import shutil
 
@@ -11,7 +12,7 @@ from m3embed import checkpoint as ckpt
 from m3embed.cli import main
 from m3embed.model import M3Model
 from m3embed.testing import sample_texts, tiny_model
-from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, train
+from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, read_log, train
 from test_data import BAD_LINES, BAD_PATH_IDS, BAD_PATHS, ex, write  # the data layer's cases, end to end
 
 N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
@@ -80,8 +81,7 @@ def weights(path):
 
 
 def logged_losses(out):
-    lines = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
-    return [e["loss"] for e in lines if "loss" in e]
+    return [e["loss"] for e in read_log(out / LOG_FILE) if "loss" in e]
 
 
 # ---------------------------------------------------------------------- resume
@@ -280,8 +280,8 @@ def test_bad_training_paths_give_exit_2(tmp_path, capsys, make, match):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lr", "-1"], "TrainConfig.learning_rate must be a number > 0, e.g. 2e-5, got -1.0"),
-        (["--group-size", "0"], "DataConfig.train_group_size must be an integer >= 1, got 0"),
+        (["--lr", "-1"], "--learning-rate must be > 0, e.g. 2e-5, got -1.0"),
+        (["--group-size", "0"], "--group-size must be ≥ 1, got 0"),
         (["--resume"], "no checkpoint in"),
     ],
 )
@@ -337,3 +337,125 @@ def test_resume_refuses_a_different_world_size(tmp_path, model_dir, data_file):
     with pytest.raises(ValueError, match="saved with 2 process"):
         train(run_config(model_dir, data_file, out, max_steps=2, resume=str(result.checkpoint)))
     shutil.rmtree(out)
+
+
+# ---------------------------------------------------------------------- a run's folder is the run's
+def cli_run(model_dir, data_file, out, *extra):
+    argv = ["train", "--model", model_dir, "--train-data", data_file, "--output-dir", str(out)]
+    return main(argv + ["--group-size", str(G), "--batch-size", str(B), "--no-progress-bar", *extra])
+
+
+def folder_digest(folder):
+    """Every file's path and bytes under ``folder``: equal digests mean nothing was touched."""
+    digest = {}
+    for path in sorted(folder.rglob("*")):
+        rel = str(path.relative_to(folder))
+        digest[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return digest
+
+
+@pytest.fixture
+def earlier_run(tmp_path, capsys, model_dir, data_file):
+    """A finished 2-step run (checkpoint-2, latest, train_log.jsonl) in tmp_path / "run"."""
+    out = tmp_path / "run"
+    assert cli_run(model_dir, data_file, out, "--max-steps", "2") == 0
+    capsys.readouterr()
+    return out
+
+
+def test_a_new_run_where_a_run_is_refused_and_every_byte_kept(earlier_run, capsys, model_dir, data_file):
+    before = folder_digest(earlier_run)
+    assert cli_run(model_dir, data_file, earlier_run, "--max-steps", "3") == 2
+    err = capsys.readouterr().err
+    assert f"output folder {earlier_run} already holds a training run" in err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    assert folder_digest(earlier_run) == before
+
+
+@pytest.mark.parametrize("how", [[], ["--resume"], ["--overwrite"]], ids=["new", "resume", "overwrite"])
+def test_a_start_that_fails_on_a_typo_leaves_the_earlier_run_untouched(
+    earlier_run, tmp_path, capsys, model_dir, data_file, how
+):
+    """A wrong --eval path is found before anything in the folder is truncated or deleted."""
+    before = folder_digest(earlier_run)
+    code = cli_run(
+        model_dir, data_file, earlier_run, "--max-steps", "3", "--eval", str(tmp_path / "typo"), *how
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if how:
+        assert f"{tmp_path / 'typo'}: BEIR folder not found" in err
+    assert folder_digest(earlier_run) == before
+
+
+def test_overwrite_starts_over_and_keeps_files_that_are_not_the_runs(
+    earlier_run, capsys, model_dir, data_file
+):
+    (earlier_run / "notes.txt").write_text("mine")
+    assert cli_run(model_dir, data_file, earlier_run, "--max-steps", "1", "--overwrite") == 0
+    assert "trained 1 step in" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(earlier_run)] == ["checkpoint-1"]
+    assert (earlier_run / ckpt.LATEST).read_text().strip() == "checkpoint-1"
+    entries = read_log(earlier_run / LOG_FILE)
+    assert [e["step"] for e in entries if "loss" in e] == [1]  # nothing of the earlier run's log
+    assert (earlier_run / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_run_appends_to_the_log_and_counts_its_own_steps(earlier_run, capsys, model_dir, data_file):
+    log_before = (earlier_run / LOG_FILE).read_bytes()
+    assert cli_run(model_dir, data_file, earlier_run, "--max-steps", "4", "--resume") == 0
+    out = capsys.readouterr().out
+    assert "trained 2 steps (4 in total, resumed at step 2) in" in out
+    assert f"log: {earlier_run / LOG_FILE}" in out
+    assert (earlier_run / LOG_FILE).read_bytes().startswith(log_before)  # appended, never rewritten
+    assert [e["step"] for e in read_log(earlier_run / LOG_FILE) if "loss" in e] == [1, 2, 3, 4]
+
+
+def test_the_training_summary_names_its_log_and_no_library_bar_cuts_in(tmp_path, capfd, model_dir, data_file):
+    assert cli_run(model_dir, data_file, tmp_path / "run", "--max-steps", "1") == 0
+    captured = capfd.readouterr()
+    assert "Writing model shards" not in captured.err
+    assert f"log: {tmp_path / 'run' / LOG_FILE}" in captured.out
+
+
+# ---------------------------------------------------------------------- errors name what was typed
+@pytest.mark.parametrize("given", ["{tmp}/no-such-model", "./no-such-model", "runs/x/checkpoint-9"])
+def test_a_missing_model_folder_is_named(tmp_path, capsys, data_file, given):
+    given = given.format(tmp=tmp_path)
+    code = main(["train", "--model", given, "--train-data", data_file, "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"model folder {given} not found; give a BGE-M3-layout folder or a Hub name" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_owner_name_that_is_neither_a_folder_nor_reachable_says_so(tmp_path, capsys, data_file):
+    code = main(
+        ["train", "--model", "nobody/nothing", "--train-data", data_file, "--output-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model folder nobody/nothing not found" in err
+    assert "not a local folder" in err and "Hub is offline" in err  # conftest sets HF_HUB_OFFLINE
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"),
+        (["--max-steps", "0"], "--max-steps must be ≥ 1 or 'none', got 0"),
+        (["--eval-batch-size", "0"], "--eval-batch-size must be ≥ 1, got 0"),
+        (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+        (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    ],
+)
+def test_setting_errors_name_the_flag(tmp_path, capsys, data_file, argv, message):
+    code = main(["train", "--train-data", data_file, "--output-dir", str(tmp_path / "run"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Config." not in err
+
+
+def test_setting_errors_from_a_file_name_the_file(tmp_path, capsys, data_file):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"train_data": data_file, "batch_size": 0}}))
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert f"data.batch_size (in {cfg}) must be an integer >= 1, got 0" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from m3embed.testing import sample_texts, tiny_model
-from m3embed.train import LOG_FILE, RunConfig, train
+from m3embed.train import LOG_FILE, RunConfig, read_log, train
 
 WORLD, B, G, STEPS, KILL_AT = 2, 2, 3, 4, 2  # B queries per rank; global batch 4
 
@@ -91,7 +91,7 @@ def test_two_process_resume_equals_uninterrupted(tmp_path):
     for r in ranks:  # the loss is the global batch's: the same on every rank
         torch.testing.assert_close(r["full"], full, rtol=1e-5, atol=0)
         torch.testing.assert_close(r["resumed"], full[KILL_AT:], rtol=1e-5, atol=0)
-    logged = [json.loads(line) for line in (tmp_path / "killed" / LOG_FILE).read_text().splitlines()]
+    logged = read_log(tmp_path / "killed" / LOG_FILE)
     torch.testing.assert_close([e["loss"] for e in logged if "loss" in e], full, rtol=1e-5, atol=0)
     assert not (tmp_path / "full" / "rank1").exists()  # only rank 0 writes
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["checkpoint-4", "latest", LOG_FILE]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 
 
@@ -11,7 +12,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="fine-tune a model (see `m3embed train --help`)",
-        description=_TRAIN_DESCRIPTION,
+        description=_TRAIN_DESCRIPTION.format(eval_defaults=_eval_defaults()),
         epilog=_TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -47,7 +48,15 @@ With no --config and no --train-data, runs the built-in demo: all-MiniLM-L6-v2 (
 pooling) on 300 packaged debdesc lines, 1 epoch, batch 16, group 4, strategy cache, with nDCG@10 on
 the packaged dev set before and after (a few minutes on 2 CPU cores). Other flags still apply to it.
 
-Settings come from (later wins): the built-in defaults (or the demo's), --config FILE, the flags."""
+Settings come from (later wins): the built-in defaults (or the demo's), --config FILE, the flags.
+
+Evaluation (--eval) uses the settings `m3embed eval` defaults to, so a checkpoint scores the same in
+both: {eval_defaults}.
+
+A run's --output-dir belongs to it: starting a new run where another run's log or checkpoints are is
+refused unless --resume (continue it) or --overwrite (start over) says which; nothing in the folder is
+touched before the config, the data, the evaluation set and the model have been checked. The log is
+only appended to."""
 
 _TRAIN_EPILOG = """\
 examples:
@@ -71,6 +80,12 @@ _TRAIN_SECTIONS = {
     "loss": "objective (section 'loss'; defaults are FlagEmbedding's BGE-M3 values; every other weight of the "
     "objective, e.g. ensemble_sparse_weight or distill_normalizer, is a key of this section in --config)",
 }
+
+
+def _eval_defaults() -> str:
+    from m3embed.eval_defaults import EVAL_DEFAULTS
+
+    return EVAL_DEFAULTS.describe()
 
 
 def _sub_batch_size(text: str):
@@ -202,6 +217,16 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         },
     ),
     (
+        ("--overwrite",),
+        "train",
+        "overwrite",
+        {
+            **_BOOL,
+            "help": "start over in an --output-dir that holds another run: its log and checkpoints are deleted "
+            "once config, data and model are checked (without this or --resume such a start is refused)",
+        },
+    ),
+    (
         ("--eval",),
         "train",
         "eval_data",
@@ -238,7 +263,7 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         ("--eval-batch-size",),
         "train",
         "eval_batch_size",
-        {"type": int, "help": "texts per encode batch during evaluation"},
+        {"type": int, "help": "texts per encode batch during evaluation (shared with `m3embed eval`)"},
     ),
     (
         ("--eval-query-max-length",),
@@ -247,7 +272,7 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         {
             "type": _optional_int,
             "metavar": "TOKENS",
-            "help": "query truncation for --eval; unset = --query-max-length",
+            "help": "query truncation for --eval (shared with `m3embed eval`, not the training length)",
         },
     ),
     (
@@ -257,7 +282,7 @@ _TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
         {
             "type": _optional_int,
             "metavar": "TOKENS",
-            "help": "passage truncation for --eval; unset = --passage-max-length",
+            "help": "passage truncation for --eval (shared with `m3embed eval`, not the training length)",
         },
     ),
     (
@@ -403,6 +428,36 @@ def _train_default(section: str, key: str):
     return "?"
 
 
+_CONFIG_FIELD = re.compile(
+    r"\b(?P<cls>TrainConfig|DataConfig|MemoryConfig|LossConfig)\.(?P<key>\w+)"
+    r"(?P<rest> must be (?:an integer |a number )?(?P<op>>=|<=|>|<)? ?)?"
+)
+
+
+def _in_flag_terms(message: str, given: dict[str, dict], config_file: str | None) -> str:
+    """A config error about a setting the user gave as a flag, reworded in terms of that flag:
+    "DataConfig.batch_size must be an integer >= 1, got 0" -> "--batch-size must be ≥ 1, got 0".
+    Settings that came from a config file are named as its section.key, with the file."""
+    from m3embed.train import SECTIONS
+
+    section_of = {kind.__name__: name for name, kind in SECTIONS.items()}
+    flag_of = {(section, key): flags[0] for flags, section, key, _ in _TRAIN_OPTIONS}
+
+    def reword(m: re.Match) -> str:
+        section, key = section_of[m["cls"]], m["key"]
+        flag = flag_of.get((section, key))
+        if flag is None or key not in given.get(section, {}):
+            where = f" (in {config_file})" if config_file else ""
+            return f"{section}.{key}{where}{m['rest'] or ''}"
+        if not m["rest"]:
+            return flag
+        op = {">=": "≥ ", "<=": "≤ ", ">": "> ", "<": "< "}.get(m["op"] or "", "")
+        return f"{flag} must be {op}"
+
+    out = _CONFIG_FIELD.sub(reword, message)
+    return out.replace(" or null,", " or 'none',") if out != message else out
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import os
 
@@ -424,13 +479,16 @@ def _run_train(args: argparse.Namespace) -> int:
         logging.getLogger("m3embed.train").info(
             "no --config and no --train-data: running the built-in demo (all-MiniLM-L6-v2 on packaged debdesc data)"
         )
-    config = RunConfig.from_dict(merge_sections(base, overrides), where=args.config or "command line")
+    try:
+        config = RunConfig.from_dict(merge_sections(base, overrides), where=args.config or "command line")
+    except ValueError as err:
+        raise ValueError(_in_flag_terms(str(err), overrides, args.config)) from None
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:  # under torchrun, rank 0 speaks for the job
-        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("m3embed").setLevel(logging.WARNING)
     result = train(config)
     if rank == 0:
         print(format_summary(result))
@@ -483,11 +541,19 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_user_errors(_run_search))
 
-    p = sub.add_parser("eval", help="encode + search + nDCG@10 / Recall@100 / MRR@10 on a BEIR folder")
+    from m3embed.eval_defaults import EVAL_DEFAULTS as ED
+
+    p = sub.add_parser(
+        "eval",
+        help="encode + search + nDCG@10 / Recall@100 / MRR@10 on a BEIR folder",
+        description="Encode a BEIR folder's corpus, search it in every mode and score the runs. The "
+        "defaults are the ones the demo and `m3embed train --eval` use, so a checkpoint gets the same "
+        f"numbers from all three: {ED.describe()}.",
+    )
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     _model_args(p)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
     p.add_argument("--modes", nargs="+", choices=modes, default=list(modes))
     p.add_argument(
         "--weights", type=float, nargs=3, default=(0.4, 0.2, 0.4), metavar=("DENSE", "SPARSE", "COLBERT")
@@ -495,17 +561,39 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-docs", type=int, help="relevant documents + a seeded random sample of the rest, N in all"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-docs sample")
-    p.add_argument("--query-max-length", type=int, default=128)
-    p.add_argument("--passage-max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--top-k", type=int, default=100)
-    p.add_argument("--candidates", type=int, default=100)
+    p.add_argument(
+        "--seed", type=int, default=ED.seed, help=f"seed of the --max-docs sample (default {ED.seed})"
+    )
+    p.add_argument(
+        "--query-max-length",
+        type=int,
+        default=ED.query_max_length,
+        help=f"query truncation in tokens (default {ED.query_max_length}, as the demo)",
+    )
+    p.add_argument(
+        "--passage-max-length",
+        type=int,
+        default=ED.passage_max_length,
+        help=f"passage truncation in tokens (default {ED.passage_max_length}, as the demo)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=ED.batch_size,
+        help=f"texts per encode batch (default {ED.batch_size})",
+    )
+    p.add_argument("--top-k", type=int, default=ED.top_k, help=f"hits per query (default {ED.top_k})")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=ED.candidates,
+        help=f"dense and sparse top-N fed to ColBERT rerank and fusion (default {ED.candidates})",
+    )
     p.add_argument(
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_user_errors(_run_eval))
 
     p = sub.add_parser("mine", help="mine hard negatives with the model into a new training file")
@@ -531,6 +619,7 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_user_errors(_run_mine))
 
 
@@ -569,7 +658,7 @@ def _load_model(path: str, args: argparse.Namespace, config: dict | None = None)
 
 
 def _run_encode(args: argparse.Namespace) -> int:
-    from m3embed.index import IndexOptions, encode_corpus
+    from m3embed.index import IndexOptions, encode_corpus, index_summary
 
     options = IndexOptions(
         max_length=args.max_length,
@@ -589,7 +678,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         show_progress_bar=not args.no_progress,
     )
-    print(out)
+    print(index_summary(out))
     return 0
 
 
@@ -601,6 +690,7 @@ def _run_search(args: argparse.Namespace) -> int:
     from m3embed.search import Searcher, SearchOptions, write_jsonl, write_trec
 
     index = CorpusIndex(args.index)
+    queries = {qid: q.text for qid, q in read_queries(args.queries).items()}  # checked before the model loads
     recorded = index.manifest["model"]
     model_path = args.model or recorded["name"]
     if not model_path:
@@ -615,7 +705,6 @@ def _run_search(args: argparse.Namespace) -> int:
         use_faiss=not args.numpy,
     )
     searcher = Searcher(index, model, options)
-    queries = {qid: q.text for qid, q in read_queries(args.queries).items()}
     runs = searcher.search_modes(queries, args.mode)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -674,7 +763,13 @@ def _run_mine(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     stats = mine_hard_negatives(
-        model, args.train, args.corpus, args.output, options, index_dir=args.index_dir
+        model,
+        args.train,
+        args.corpus,
+        args.output,
+        options,
+        index_dir=args.index_dir,
+        show_progress_bar=not args.no_progress,
     )
     print(f"wrote {stats['lines']} lines to {args.output} ({stats['padded']} padded with random negatives)")
     return 0
@@ -685,7 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="m3embed",
         description="Train and run BGE-M3-style embedding models (dense + sparse + ColBERT).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and other libraries' messages below WARNING",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_retrieval(sub)
@@ -694,10 +794,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # m3embed's own progress at INFO; other libraries (transformers, faiss's loader, ...) only from
+    # WARNING up unless -v: their INFO chatter says nothing a user has to act on.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("m3embed").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     return int(args.func(args) or 0)
 
 

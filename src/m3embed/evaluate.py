@@ -14,10 +14,12 @@ import random
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from m3embed.beir import BeirFolder, Document, read_corpus, read_qrels, read_queries
+from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.index import IndexOptions, encode_corpus, model_name
 from m3embed.model import M3Model
 from m3embed.search import DEFAULT_WEIGHTS, MODES, Run, Searcher, SearchOptions
@@ -58,23 +60,26 @@ def compute_metrics(
 def evaluate_beir(
     model: M3Model,
     folder: str | os.PathLike,
-    split: str = "test",
+    split: str = EVAL_DEFAULTS.split,
     *,
-    query_max_length: int = 128,
-    passage_max_length: int = 512,
-    batch_size: int = 32,
+    query_max_length: int = EVAL_DEFAULTS.query_max_length,
+    passage_max_length: int = EVAL_DEFAULTS.passage_max_length,
+    batch_size: int = EVAL_DEFAULTS.batch_size,
     max_docs: int | None = None,
     modes: Sequence[str] = MODES,
     weights: Sequence[float] = DEFAULT_WEIGHTS,
-    top_k: int = 100,
-    candidates: int = 100,
-    seed: int = 0,
+    top_k: int = EVAL_DEFAULTS.top_k,
+    candidates: int = EVAL_DEFAULTS.candidates,
+    seed: int = EVAL_DEFAULTS.seed,
     index_dir: str | os.PathLike | None = None,
     dtype: str = "float32",
     show_progress_bar: bool = False,
     return_runs: bool = False,
 ) -> dict[str, Any]:
     """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
+
+    Unset settings are :data:`m3embed.eval_defaults.EVAL_DEFAULTS`, the ones the demo and
+    ``m3embed train --eval`` use, so a checkpoint gets the same numbers from every entry point.
 
     ``max_docs`` limits the corpus to every document relevant to an evaluated query plus a
     deterministic (``seed``) random sample of the others, ``max_docs`` in total, for quick runs.
@@ -143,7 +148,7 @@ def evaluate_beir(
     with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
         out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
         started = time.perf_counter()
-        encode_corpus(model, _filtered(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
+        encode_corpus(model, _Subset(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
         encoded = time.perf_counter()
         searcher = Searcher(out, model, search_options)
         run_modes = [m for m in modes if m in searcher.modes]
@@ -210,10 +215,15 @@ def _select_documents(
     return present | set(sample), len(ids)
 
 
-def _filtered(corpus: Path, keep: set[str] | None) -> Iterator[Document]:
-    for doc in read_corpus(corpus):
-        if keep is None or doc.id in keep:
-            yield doc
+@dataclass(frozen=True)
+class _Subset:
+    """The documents of ``corpus`` whose id is in ``keep`` (all with None); each iteration rereads."""
+
+    corpus: Path
+    keep: set[str] | None
+
+    def __iter__(self) -> Iterator[Document]:
+        return (doc for doc in read_corpus(self.corpus) if self.keep is None or doc.id in self.keep)
 
 
 def markdown_report(result: Mapping[str, Any], metric: str = "ndcg@10") -> str:

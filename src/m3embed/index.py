@@ -10,6 +10,11 @@ Layout of an index folder::
     shard-00000/colbert_offsets.npy  (n + 1,) int64: document i owns rows offsets[i]:offsets[i+1]
     shard-00001/...
 
+Before anything is written the whole corpus is read once: every line is checked (a bad line fails in
+seconds, not after hours of encoding) and each shard's documents are hashed. The manifest keeps the
+hash of every finished shard, so a rerun after a corpus fix encodes only the shards whose documents
+changed.
+
 Shard ``k`` always holds documents ``[k·shard_size, (k+1)·shard_size)`` of the corpus, so a run that
 was interrupted resumes from its last finished shard: a shard is written to ``shard-0000k.tmp``,
 renamed when complete, and only then recorded in the manifest. Anything not in the manifest is redone.
@@ -24,7 +29,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -107,6 +113,45 @@ def vocab_size(model: M3Model) -> int:
 
 
 # ---------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class CorpusScan:
+    """What the pass over the corpus before encoding found; it read and checked every document."""
+
+    documents: int
+    title_only: int  # documents with an empty text, encoded from their title
+    shard_hashes: tuple[str, ...]  # per shard: sha256 of its documents' ids and texts, in corpus order
+
+
+def scan_corpus(docs: Iterable[Document], shard_size: int) -> CorpusScan:
+    """Read every document once (a corpus file is checked line by line) and hash each shard's worth.
+
+    The hashes let a later run reuse the shards whose documents did not change. Documents given as
+    objects are checked for an empty id or text and duplicate ids (a corpus file is checked by
+    :func:`~m3embed.beir.read_corpus`).
+    """
+    hashes: list[str] = []
+    seen: set[str] = set()
+    n = title_only = 0
+    h = hashlib.sha256()
+    for doc in docs:
+        if not doc.id or not doc.text.strip():
+            field = "id" if not doc.id else "text"
+            raise ValueError(f"document {n + 1} (id {doc.id!r}): empty {field}")
+        if doc.id in seen:
+            raise ValueError(f"document {n + 1}: duplicate document id {doc.id!r}")
+        seen.add(doc.id)
+        h.update(json.dumps([doc.id, doc.text]).encode())
+        h.update(b"\n")
+        n += 1
+        title_only += doc.title_only
+        if n % shard_size == 0:
+            hashes.append(h.hexdigest())
+            h = hashlib.sha256()
+    if n % shard_size:
+        hashes.append(h.hexdigest())
+    return CorpusScan(documents=n, title_only=title_only, shard_hashes=tuple(hashes))
+
+
 def encode_corpus(
     model: M3Model,
     corpus: str | os.PathLike | Iterable[Document],
@@ -120,23 +165,34 @@ def encode_corpus(
     """Encode a corpus into the index folder ``out_dir`` and return its path.
 
     ``corpus`` is a corpus file (see :func:`m3embed.beir.read_corpus`) or an iterable of
-    :class:`~m3embed.beir.Document`. With ``resume`` (default) an existing unfinished index of the same
-    model, corpus and options continues after its last finished shard; a finished one is returned as
-    is. ``overwrite`` deletes an existing index first. An index of another model or other options is an
-    error (nothing is deleted unless ``overwrite``).
+    :class:`~m3embed.beir.Document` (read twice; a one-pass iterator is first turned into a list).
+    The whole corpus is read and checked before anything is written, so a bad line or an empty corpus
+    fails in seconds, not after hours of encoding.
+
+    With ``resume`` (default) an existing index of the same model, options and corpus file keeps every
+    finished shard whose documents are unchanged (compared by a hash of their ids and texts) and
+    encodes the rest; a finished index of an unchanged corpus is returned as is. ``overwrite`` deletes
+    an existing index first. An index of another model, other options or another corpus file is an
+    error (nothing is deleted unless ``overwrite``). The manifest's ``last_run`` says how many
+    documents this call encoded and reused (see :func:`index_summary`).
     """
+    started = time.perf_counter()
     options = (options or IndexOptions()).for_model(model)
     out = Path(out_dir)
-    corpus_info = _corpus_info(corpus)
+    documents = _reiterable(corpus)
+    scan = scan_corpus(documents(), options.shard_size)  # every line checked before any encoding
+    if scan.documents == 0:
+        where = f"{corpus}: the corpus file" if isinstance(corpus, str | os.PathLike) else "the corpus"
+        raise ValueError(f"{where} has no documents; an index needs at least one")
     fingerprint = model_fingerprint(model)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "model": {"name": model_name(model), "fingerprint": fingerprint, "config": asdict(model.config)},
         "options": asdict(options),
-        "corpus": corpus_info,
+        "corpus": {**_corpus_info(corpus), "documents": scan.documents},
         "vocab_size": vocab_size(model),
         "shards": [],
-        "counts": {"documents": 0, "colbert_vectors": 0},
+        "counts": {"documents": 0, "colbert_vectors": 0, "title_only": 0},
         "complete": False,
     }
     if (out / MANIFEST).exists():
@@ -153,60 +209,81 @@ def encode_corpus(
             raise FileExistsError(f"{out}: directory exists, is not empty and has no {MANIFEST}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    if manifest["complete"]:
-        logger.info("%s is already complete (%d documents)", out, manifest["counts"]["documents"])
+
+    names = [f"shard-{k:05d}" for k in range(len(scan.shard_hashes))]
+    kept = _keep_unchanged_shards(out, manifest, dict(zip(names, scan.shard_hashes, strict=True)))
+    reused = manifest["counts"]["documents"]
+    if len(kept) == len(names) and manifest["complete"]:
+        logger.info("%s is already complete (%d documents)", out, reused)
+        manifest["last_run"] = _last_run(0, reused, started)
+        _write_manifest(out, manifest)
         return out
-    _remove_unrecorded_shards(out, manifest)
+    manifest["complete"] = False
+    if kept:
+        logger.info("reusing %d finished shards (%d documents) of %s", len(kept), reused, out)
 
-    done_shards = len(manifest["shards"])
-    done_docs = manifest["counts"]["documents"]
-    if done_shards:
-        logger.info("resuming %s after %d finished shards (%d documents)", out, done_shards, done_docs)
-    docs = _documents(corpus)
-    skipped = sum(1 for _ in islice(docs, done_docs))
-    if skipped != done_docs:
-        raise ValueError(f"{out}: the index has {done_docs} documents but the corpus now has only {skipped}")
-
-    total = corpus_info.get("documents")
     bar = tqdm(
-        total=total, initial=done_docs, desc="Encoding corpus", unit="doc", disable=not show_progress_bar
+        total=scan.documents,
+        initial=reused,
+        desc="Encoding corpus",
+        unit="doc",
+        disable=not show_progress_bar,
     )
-    shard_no = done_shards
-    while chunk := list(islice(docs, options.shard_size)):
-        name = f"shard-{shard_no:05d}"
+    docs = documents()
+    for name, digest in zip(names, scan.shard_hashes, strict=True):
+        chunk = list(islice(docs, options.shard_size))
+        if name in kept:
+            continue
         n_vectors = _write_shard(model, chunk, out / name, options, manifest["vocab_size"], show_progress_bar)
-        manifest["shards"].append({"name": name, "documents": len(chunk), "colbert_vectors": n_vectors})
-        manifest["counts"]["documents"] += len(chunk)
-        manifest["counts"]["colbert_vectors"] += n_vectors
+        record = {
+            "name": name,
+            "documents": len(chunk),
+            "colbert_vectors": n_vectors,
+            "title_only": sum(d.title_only for d in chunk),
+            "sha256": digest,
+        }
+        manifest["shards"] = sorted([*manifest["shards"], record], key=lambda s: s["name"])
+        manifest["counts"] = _counts(manifest["shards"])
         _write_manifest(out, manifest)
         bar.update(len(chunk))
-        shard_no += 1
     bar.close()
     manifest["complete"] = True
+    manifest["last_run"] = _last_run(scan.documents - reused, reused, started)
     _write_manifest(out, manifest)
     logger.info("encoded %d documents into %s", manifest["counts"]["documents"], out)
     return out
 
 
-def _documents(corpus: str | os.PathLike | Iterable[Document]) -> Iterator[Document]:
+def _reiterable(corpus: str | os.PathLike | Iterable[Document]) -> Callable[[], Iterator[Document]]:
+    """A function returning a fresh iterator over the corpus each call (the corpus is read twice)."""
     if isinstance(corpus, str | os.PathLike):
-        return read_corpus(corpus)
-    return iter(corpus)
+        path = Path(corpus)
+        return lambda: read_corpus(path)
+    docs = list(corpus) if isinstance(corpus, Iterator) else corpus
+    return lambda: iter(docs)
 
 
 def _corpus_info(corpus: Any) -> dict[str, Any]:
     if not isinstance(corpus, str | os.PathLike):
         return {"path": None}
     path = Path(corpus)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus file not found")
-    with open(path, "rb") as f:
-        lines = sum(1 for line in f if line.strip()) if path.suffix != ".gz" else None
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "documents": lines}
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size}
+
+
+def _counts(shards: list[dict[str, Any]]) -> dict[str, int]:
+    return {key: sum(s.get(key, 0) for s in shards) for key in ("documents", "colbert_vectors", "title_only")}
+
+
+def _last_run(encoded: int, reused: int, started: float) -> dict[str, Any]:
+    return {"encoded": encoded, "reused": reused, "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _check_resumable(out: Path, new: dict[str, Any]) -> dict[str, Any]:
-    """The existing manifest, if the run it records can be continued by this one; else an error."""
+    """The existing manifest (with the new corpus facts), if this run may reuse its shards; else an error.
+
+    The corpus must be the same file; its content may have changed (a fixed line): which shards are
+    still valid is decided per shard by :func:`_keep_unchanged_shards`.
+    """
     old = read_manifest(out)
     problems = []
     if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
@@ -216,24 +293,46 @@ def _check_resumable(out: Path, new: dict[str, Any]) -> dict[str, Any]:
         )
     if old["options"] != new["options"]:
         problems.append(f"options {old['options']} != {new['options']}")
-    for key in ("path", "bytes"):
-        if old["corpus"].get(key) != new["corpus"].get(key):
-            problems.append(f"corpus {key} {old['corpus'].get(key)} != {new['corpus'].get(key)}")
+    if old["corpus"].get("path") != new["corpus"].get("path"):
+        problems.append(f"corpus file {old['corpus'].get('path')} != {new['corpus'].get('path')}")
     if problems:
         raise ValueError(
             f"{out}: cannot resume, the existing index was built differently: "
             + "; ".join(problems)
             + ". Pass overwrite=True (--overwrite) to rebuild it."
         )
-    return old
+    return {**old, "corpus": new["corpus"]}
 
 
-def _remove_unrecorded_shards(out: Path, manifest: dict[str, Any]) -> None:
-    recorded = {s["name"] for s in manifest["shards"]}
+def _keep_unchanged_shards(out: Path, manifest: dict[str, Any], wanted: dict[str, str]) -> set[str]:
+    """Drop from ``manifest`` (and disk) every shard that is not in ``wanted`` with the same hash.
+
+    ``wanted`` maps shard name -> hash of the documents the corpus now puts in that shard. Returns the
+    names of the shards kept. The manifest is written before any folder is removed, so it never lists
+    a shard that is gone.
+    """
+    kept = [
+        s for s in manifest["shards"] if s.get("sha256") is not None and wanted.get(s["name"]) == s["sha256"]
+    ]
+    changed = sorted(s["name"] for s in manifest["shards"] if s not in kept)
+    if changed:
+        logger.info(
+            "%d finished shards of %s hold documents that changed since (first: %s); encoding them again",
+            len(changed),
+            out,
+            changed[0],
+        )
+    if changed or len(kept) != len(wanted):
+        manifest["complete"] = False
+    manifest["shards"] = kept
+    manifest["counts"] = _counts(kept)
+    _write_manifest(out, manifest)
+    names = {s["name"] for s in kept}
     for path in out.glob("shard-*"):
-        if path.name not in recorded:
-            logger.info("removing unfinished shard %s", path)
+        if path.name not in names:
+            logger.info("removing %s shard %s", "changed" if path.name in changed else "unfinished", path)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return names
 
 
 def _write_shard(
@@ -309,6 +408,37 @@ def read_manifest(index_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path}: format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}"
         )
     return manifest
+
+
+def index_summary(index_dir: str | os.PathLike) -> str:
+    """One line about an index folder and the run that last wrote it (documents, shards, size, time).
+
+    E.g. ``runs/index: 40 documents (12 encoded, 28 reused) in 3 shards, 1.2 MiB, 3.4 s; 2 documents
+    had no text; encoded from their title``.
+    """
+    path = Path(index_dir)
+    manifest = read_manifest(path)
+    counts, run = manifest["counts"], manifest.get("last_run", {})
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    line = f"{path}: {counts['documents']} documents"
+    if run.get("reused"):
+        line += f" ({run['encoded']} encoded, {run['reused']} reused)"
+    n_shards = len(manifest["shards"])
+    line += f" in {n_shards} shard{'s' if n_shards > 1 else ''}, {_human_bytes(size)}"
+    if "seconds" in run:
+        line += f", {run['seconds']:.1f} s"
+    if counts.get("title_only"):
+        n = counts["title_only"]
+        line += f"; {n} document{'s' if n > 1 else ''} had no text; encoded from {'their' if n > 1 else 'its'} title"
+    return line
+
+
+def _human_bytes(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    k = 0
+    while n >= 1024 and k < len(units) - 1:
+        n, k = n / 1024, k + 1
+    return f"{n:.0f} B" if k == 0 else f"{n:.1f} {units[k]}"
 
 
 # ---------------------------------------------------------------------- reading

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3embed.beir import open_text, parse_json_line, read_corpus
+from tqdm.auto import tqdm
+
+from m3embed.beir import parse_json_line, read_corpus, read_lines
 from m3embed.index import IndexOptions, encode_corpus
 from m3embed.model import M3Model
 from m3embed.search import MODES, Searcher, SearchOptions
@@ -54,17 +56,16 @@ class MineOptions:
 def read_train_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Stream ``(line number, object)`` of a training JSONL, checking ``query`` and ``pos``."""
     path = Path(path)
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            obj = parse_json_line(line, path, lineno)
-            if not isinstance(obj.get("query"), str) or not obj["query"].strip():
-                raise ValueError(f"{path}, line {lineno}: field 'query' must be a non-empty string")
-            pos = obj.get("pos")
-            if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
-                raise ValueError(f"{path}, line {lineno}: field 'pos' must be a non-empty list of strings")
-            yield lineno, obj
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        obj = parse_json_line(line, path, lineno)
+        if not isinstance(obj.get("query"), str) or not obj["query"].strip():
+            raise ValueError(f"{path}, line {lineno}: field 'query' must be a non-empty string")
+        pos = obj.get("pos")
+        if not isinstance(pos, list) or not pos or not all(isinstance(p, str) for p in pos):
+            raise ValueError(f"{path}, line {lineno}: field 'pos' must be a non-empty list of strings")
+        yield lineno, obj
 
 
 def mine_hard_negatives(
@@ -79,18 +80,26 @@ def mine_hard_negatives(
 ) -> dict[str, int]:
     """Write ``out_path``: the lines of ``train_path`` with negatives mined from ``corpus``.
 
+    Every input is read and checked before the corpus is encoded: the training file, then the corpus.
+    The output is written to a temporary file next to ``out_path`` and renamed when complete, so a
+    failed or interrupted run leaves no partial output (and an earlier ``out_path`` untouched).
     Returns counts: ``{"lines", "padded"}`` (``padded`` = lines that needed random negatives).
     """
     options = options or MineOptions()
     train_path, out_path = Path(train_path), Path(out_path)
     if out_path.resolve() == train_path.resolve():
         raise ValueError(f"{out_path}: output would overwrite the training file; choose another path")
-    texts = [doc.text for doc in read_corpus(corpus)]  # validates the corpus; texts for the output
+    # 1. Check the inputs: a bad line fails now, not after the corpus is encoded.
+    n_lines = sum(1 for _ in read_train_lines(train_path))
+    if not n_lines:
+        raise ValueError(f"{train_path}: the training file has no lines")
+    texts = [doc.text for doc in read_corpus(corpus)]  # texts of the negatives written out
     if not texts:
         raise ValueError(f"{corpus}: the corpus has no documents")
     rng = random.Random(options.seed)
     counts = {"lines": 0, "padded": 0}
     with tempfile.TemporaryDirectory(prefix="m3embed-mine-") as tmp:
+        # 2. Encode the corpus.
         index = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
         index_options = IndexOptions(max_length=options.passage_max_length, batch_size=options.batch_size)
         encode_corpus(model, corpus, index, index_options, show_progress_bar=show_progress_bar)
@@ -102,16 +111,26 @@ def mine_hard_negatives(
         )
         searcher = Searcher(index, model, search_options)
         row_of = searcher.index.id_to_row
+        # 3. Search and sample, batch by batch, into a temporary file renamed when complete.
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w", encoding="utf-8") as out:
-            batch: list[dict[str, Any]] = []
-            for _, obj in read_train_lines(train_path):
-                batch.append(obj)
-                if len(batch) == options.queries_per_search:
+        partial = out_path.with_name(f".{out_path.name}.partial")
+        bar = tqdm(total=n_lines, desc="Mining negatives", unit="line", disable=not show_progress_bar)
+        try:
+            with open(partial, "w", encoding="utf-8") as out:
+                batch: list[dict[str, Any]] = []
+                for _, obj in read_train_lines(train_path):
+                    batch.append(obj)
+                    if len(batch) == options.queries_per_search:
+                        _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+                        bar.update(len(batch))
+                        batch = []
+                if batch:
                     _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
-                    batch = []
-            if batch:
-                _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+                    bar.update(len(batch))
+            os.replace(partial, out_path)
+        finally:
+            bar.close()
+            partial.unlink(missing_ok=True)
     logger.info(
         "mined negatives for %d lines (%d padded with random documents)", counts["lines"], counts["padded"]
     )

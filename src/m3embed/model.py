@@ -97,16 +97,12 @@ class M3Model(nn.Module):
 
         Arguments left at ``None`` come from the directory's ``m3embed_config.json`` when present,
         else from :class:`M3Config`'s defaults. Missing head files mean freshly initialised heads
-        (logged as a warning).
+        (logged as a warning). A folder that does not exist, or is no model, raises
+        ``FileNotFoundError`` / ``ValueError`` naming what was given.
         """
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(name_or_path)
-        if not path.is_dir():
-            # A Hub name: fetch the whole snapshot so the head files come too (FlagEmbedding does the same).
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(name_or_path), cache_dir=cache_dir))
+        path = resolve_model_path(name_or_path, cache_dir=cache_dir)
         saved = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).exists() else {}
         overrides = {
             "pooling": pooling,
@@ -404,6 +400,59 @@ class M3Model(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> Path:
+    """The local folder of a model given as a folder path or a Hub name (``owner/name``).
+
+    What the user typed is named in every error, instead of the Hub client's "Repo id must be in the
+    form ..." for what was meant as a path: a string that looks like a path (starts with ``.``, ``/``
+    or ``~``, has more than one ``/``, or a backslash) is never sent to the Hub.
+    """
+    given = str(name_or_path)
+    path = Path(given).expanduser()
+    expected = "give a BGE-M3-layout folder or a Hub name"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"model folder {given} has no config.json, so it is not a model folder; {expected} "
+                "(a folder with config.json, the tokenizer files and the weights, e.g. a checkpoint-<step>)"
+            )
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"model folder {given} is a file, not a folder; {expected}")
+    looks_like_path = given.startswith((".", "/", "~")) or given.count("/") > 1 or "\\" in given
+    if looks_like_path or not given:
+        raise FileNotFoundError(f"model folder {given} not found; {expected}")
+
+    # A Hub name: fetch the whole snapshot so the head files come too (FlagEmbedding does the same).
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(given, cache_dir=cache_dir))
+    except HFValidationError:
+        raise FileNotFoundError(f"model folder {given} not found; {expected}") from None
+    except LocalEntryNotFoundError:
+        hub = (
+            "the Hub is offline (HF_HUB_OFFLINE is set)"
+            if constants.HF_HUB_OFFLINE
+            else "the Hub could not be reached"
+        )
+        raise FileNotFoundError(
+            f"model folder {given} not found; {expected} ({given!r} is not a local folder, not in the "
+            f"Hub cache, and {hub})"
+        ) from None
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise FileNotFoundError(
+            f"model folder {given} not found; {expected} ({given!r} is not a local folder, and the Hub "
+            "has no public model of that name)"
+        ) from None
+
+
 def _load_head(path: Path) -> dict[str, torch.Tensor] | None:
     if not path.exists():
         return None

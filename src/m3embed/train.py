@@ -20,12 +20,14 @@ state, so the loss sequence after ``--resume`` equals that of an uninterrupted r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import resource
+import shutil
 import sys
 import time
 import tomllib
@@ -39,6 +41,7 @@ import torch
 from m3embed import checkpoint as ckpt
 from m3embed import distributed
 from m3embed.data import DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
+from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Model
@@ -77,14 +80,20 @@ class TrainConfig:
     save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
     save_total_limit: int | None = 2  # keep the newest K checkpoints; None = keep all
     resume: str | None = None  # "latest" (newest in output_dir) or a checkpoint folder
+    # Start over in an output_dir that holds another run (its log and checkpoints are deleted once the
+    # config, data and model are checked); without it such a start is refused, the folder untouched.
+    overwrite: bool = False
     eval_data: str | None = None  # BEIR folder to report nDCG@10 per output on
     eval_steps: int = 0  # evaluate every N steps (0 = only before and after training)
     eval_at_start: bool = True  # evaluate the untrained model first (not when resuming)
-    eval_split: str = "test"  # qrels/<split>.tsv of eval_data
+    # Evaluation settings default to EVAL_DEFAULTS, shared with `m3embed eval`, so a checkpoint scores
+    # the same in both; they do not follow the training truncation.
+    eval_split: str = EVAL_DEFAULTS.split  # qrels/<split>.tsv of eval_data
     eval_max_docs: int | None = None  # relevant docs + a seeded sample of the rest, N in all
-    eval_batch_size: int = 64  # texts per encode batch during evaluation
-    eval_query_max_length: int | None = None  # query truncation for evaluation; None = query_max_length
-    eval_passage_max_length: int | None = None  # passage truncation for evaluation; None = passage_max_length
+    eval_batch_size: int = EVAL_DEFAULTS.batch_size  # texts per encode batch during evaluation
+    # Query / passage truncation for evaluation; None (older configs) = EVAL_DEFAULTS' value.
+    eval_query_max_length: int | None = EVAL_DEFAULTS.query_max_length
+    eval_passage_max_length: int | None = EVAL_DEFAULTS.passage_max_length
     device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
     # Longest a rank waits for the others (rank 0 evaluates and saves while the others wait), seconds.
     dist_timeout_s: float = 1800.0
@@ -117,7 +126,7 @@ class TrainConfig:
         _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "a number of seconds > 0")
         _check_int(self, "eval_query_max_length", self.eval_query_max_length, 1, optional=True)
         _check_int(self, "eval_passage_max_length", self.eval_passage_max_length, 1, optional=True)
-        for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar"):
+        for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar", "overwrite"):
             _check(self, name, isinstance(getattr(self, name), bool), "true or false")
         for name in ("output_dir", "eval_split"):
             _check(
@@ -127,6 +136,11 @@ class TrainConfig:
             value = getattr(self, name)
             _check(
                 self, name, value is None or (isinstance(value, str) and value), "a non-empty string or null"
+            )
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "TrainConfig.resume and TrainConfig.overwrite exclude each other: continue the run in "
+                "output_dir (resume) or start over there (overwrite), not both"
             )
 
 
@@ -269,7 +283,9 @@ def packaged_model_path() -> str:
 class TrainResult:
     """What a finished run reports (also printed by the CLI)."""
 
-    steps: int
+    steps: int  # the step the run stands at (after a resume: counting the steps before it)
+    first_step: int  # the step this process started from (0, or where it resumed)
+    log_file: Path | None  # train_log.jsonl (rank 0; None on the other ranks)
     checkpoint: Path | None
     losses: list[float]  # this process's loss per step run here (after a resume: from there on)
     eval_before: dict[str, float] | None  # nDCG@10 per output before training (None: not evaluated)
@@ -334,12 +350,17 @@ def _train(
         torch.set_num_threads(tc.threads)
     device = torch.device(tc.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
 
+    # Nothing is written to output_dir until the folder, the data, the evaluation set and the model
+    # have all been checked: a typo must not cost the previous run its log or checkpoints.
+    earlier_run = check_output_dir(tc)
     # Data first: a bad line must stop the run before minutes of model loading.
     dataset = TrainDataset(dc)
     sampler = SameDatasetBatchSampler(
         dataset, dc.batch_size, dc.seed, world, rank, dc.length_buckets, dc.drop_last
     )
     resume_from = ckpt.find_checkpoint(tc.resume, tc.output_dir) if tc.resume else None
+    if tc.eval_data:
+        _check_eval_data(tc)
     if info.is_main:
         logger.info("run config: %s", json.dumps(config.to_dict()))
         logger.info("loss config: %s", json.dumps(asdict(config.loss)))
@@ -375,8 +396,16 @@ def _train(
         ckpt.set_rng_state(state["rng"][rank])
         step = state["trainer_state"]["step"]
         logger.info("resumed from %s at step %d of %d", resume_from, step, total_steps)
+    first_step = step
 
-    log = _JsonlLog(Path(tc.output_dir) / LOG_FILE, truncate_after=step) if info.is_main else None
+    # Everything checked: from here on output_dir is this run's.
+    log = None
+    if info.is_main:
+        if earlier_run:
+            _delete_run(Path(tc.output_dir), earlier_run)
+        log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
+        if resume_from is not None:
+            log.write({"resumed_from": str(resume_from), "resumed_at_step": step})
     eval_before = log.eval_at(0) if log is not None else None  # kept from before the interruption
     if tc.eval_data and tc.eval_at_start and resume_from is None:
         eval_before = _evaluate(model, tc, info, step, log)
@@ -478,6 +507,8 @@ def _train(
 
     result = TrainResult(
         steps=step,
+        first_step=first_step,
+        log_file=log.path if log is not None else None,
         checkpoint=last_ckpt,
         losses=losses,
         eval_before=eval_before,
@@ -563,20 +594,35 @@ def _save(
         states = [rng]
     path = None
     if info.is_main:
-        path = ckpt.save_checkpoint(
-            tc.output_dir,
-            step,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            trainer_state={"world_size": info.world_size, "sampler": sampler.state_dict()},
-            rng_states=states,
-            configs=config.to_dict(),
-            keep_last=tc.save_total_limit,
-        )
+        with _no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
+            path = ckpt.save_checkpoint(
+                tc.output_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                trainer_state={"world_size": info.world_size, "sampler": sampler.state_dict()},
+                rng_states=states,
+                configs=config.to_dict(),
+                keep_last=tc.save_total_limit,
+            )
     if info.enabled:
         torch.distributed.barrier()
     return path
+
+
+@contextlib.contextmanager
+def _no_library_progress_bars():
+    """transformers' own tqdm bars off for the duration (restored after), e.g. around checkpoint saving."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _evaluate(
@@ -594,10 +640,13 @@ def _evaluate(
                 model,
                 tc.eval_data,
                 tc.eval_split,
-                query_max_length=tc.eval_query_max_length or tc.query_max_length,
-                passage_max_length=tc.eval_passage_max_length or tc.passage_max_length,
+                query_max_length=tc.eval_query_max_length or EVAL_DEFAULTS.query_max_length,
+                passage_max_length=tc.eval_passage_max_length or EVAL_DEFAULTS.passage_max_length,
                 batch_size=tc.eval_batch_size,
                 max_docs=tc.eval_max_docs,
+                top_k=EVAL_DEFAULTS.top_k,
+                candidates=EVAL_DEFAULTS.candidates,
+                seed=EVAL_DEFAULTS.seed,
             )
         model.train()
         scores = {mode: result[mode]["ndcg@10"] for mode in result["info"]["modes"]}
@@ -620,7 +669,7 @@ def _evaluate(
 
 def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Path) -> None:
     now = config.to_dict()
-    ignore = {("train", "resume"), ("train", "progress_bar"), ("train", "device"), ("train", "threads")}
+    ignore = {("train", k) for k in ("resume", "overwrite", "progress_bar", "device", "threads")}
     changed = [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
         for section, values in now.items()
@@ -634,23 +683,18 @@ def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Pat
 class _JsonlLog:
     """``train_log.jsonl``: one JSON object per step (and per evaluation); rank 0 only.
 
-    When resuming at step k, entries after k (written by the interrupted run) are dropped first, so
-    the log reads like one uninterrupted run.
+    Only ever appended to: a resumed run first writes ``{"resumed_from": ..., "resumed_at_step": k}``
+    and goes on from step k + 1, so what the interrupted process logged after k stays in the file.
+    :func:`read_log` reads it as one uninterrupted run.
     """
 
-    def __init__(self, path: Path, truncate_after: int) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.kept: list[dict[str, Any]] = []
-        if truncate_after > 0 and path.exists():
-            for line in path.read_text().splitlines():
-                entry = json.loads(line) if line.strip() else {}
-                if "step" in entry and entry["step"] <= truncate_after:
-                    self.kept.append(entry)
-        path.write_text("".join(json.dumps(e) + "\n" for e in self.kept))
 
     def eval_at(self, step: int) -> dict[str, float] | None:
-        found = [e["eval_ndcg@10"] for e in self.kept if e.get("step") == step and "eval_ndcg@10" in e]
+        entries = read_log(self.path) if self.path.exists() else []
+        found = [e["eval_ndcg@10"] for e in entries if e.get("step") == step and "eval_ndcg@10" in e]
         return found[-1] if found else None
 
     def write(self, entry: Mapping[str, Any]) -> None:
@@ -658,16 +702,86 @@ class _JsonlLog:
             f.write(json.dumps(entry) + "\n")
 
 
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The entries of a ``train_log.jsonl`` as one uninterrupted run: at each resume marker, what the
+    interrupted process logged after the resumed step (and any earlier summary) is left out."""
+    entries: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if "resumed_at_step" in entry:
+                at = entry["resumed_at_step"]
+                entries = [e for e in entries if "summary" not in e and e.get("step", 0) <= at]
+            entries.append(entry)
+    return entries
+
+
+# ---------------------------------------------------------------------- output folder
+def run_files(output_dir: str | os.PathLike) -> list[Path]:
+    """The files and folders of a training run in ``output_dir``: its log, ``latest``, checkpoints
+    (finished or half-written). Anything else in the folder is not the run's and is left alone."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    names = (LOG_FILE, ckpt.LATEST, f".tmp-{ckpt.LATEST}")
+    prefixes = (ckpt.PREFIX, ckpt.TMP_PREFIX, f".old-{ckpt.PREFIX}")
+    return sorted(p for p in out.iterdir() if p.name in names or p.name.startswith(prefixes))
+
+
+def check_output_dir(tc: TrainConfig) -> list[Path]:
+    """Refuse to start a new run where another run is, unless ``resume`` or ``overwrite`` says what to
+    do with it. Writes nothing. Returns the earlier run's files that ``overwrite`` will delete."""
+    found = run_files(tc.output_dir)
+    if not found or tc.resume:
+        return []
+    if tc.overwrite:
+        return found
+    names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    raise FileExistsError(
+        f"output folder {tc.output_dir} already holds a training run ({names}); continue it with --resume, "
+        "start over with --overwrite (deletes that run's log and checkpoints), or give another --output-dir"
+    )
+
+
+def _delete_run(out: Path, files: list[Path]) -> None:
+    logger.warning("--overwrite: deleting the earlier run in %s (%d files/folders)", out, len(files))
+    for path in files:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _check_eval_data(tc: TrainConfig) -> None:
+    """Read the evaluation set once before training (fast): a wrong path or a bad line shows now, not
+    after the first steps."""
+    from m3embed.beir import BeirFolder, read_corpus, read_qrels, read_queries
+
+    try:
+        paths = BeirFolder.locate(tc.eval_data, tc.eval_split)
+        read_qrels(paths.qrels)
+        read_queries(paths.queries)
+        for _ in read_corpus(paths.corpus):
+            pass
+    except (FileNotFoundError, ValueError) as err:
+        raise type(err)(f"evaluation set (--eval, train.eval_data): {err}") from None
+
+
 def _summary_dict(result: TrainResult) -> dict[str, Any]:
     out = asdict(result)
     out["checkpoint"] = str(result.checkpoint) if result.checkpoint else None
+    out["log_file"] = str(result.log_file) if result.log_file else None
     out.pop("losses")
     return out
 
 
 def format_summary(result: TrainResult) -> str:
     """The final report: nDCG@10 before/after per output, time, throughput and peak memory."""
-    lines = [f"trained {result.steps} steps in {result.seconds:.0f} s", ""]
+    ran = result.steps - result.first_step
+    total = f" ({result.steps} in total, resumed at step {result.first_step})" if result.first_step else ""
+    lines = [f"trained {ran} step{'s' * (ran != 1)}{total} in {result.seconds:.0f} s", ""]
     if result.eval_before or result.eval_after:
         modes = list((result.eval_after or result.eval_before or {}).keys())
         lines += ["| nDCG@10 | " + " | ".join(modes) + " |", "|---|" + "---:|" * len(modes)]
@@ -688,4 +802,6 @@ def format_summary(result: TrainResult) -> str:
         lines.append(f"peak GPU memory: {result.peak_gpu_bytes / 2**20:.0f} MiB")
     if result.checkpoint:
         lines.append(f"checkpoint: {result.checkpoint}")
+    if result.log_file:
+        lines.append(f"log: {result.log_file}")
     return "\n".join(lines)
