@@ -422,84 +422,87 @@ def _train(
     last_ckpt: Path | None = None
     eval_after = None
     bar = _progress(tc, info, total_steps, step)
-    while step < total_steps:
-        epoch = sampler.epoch
-        for indices in sampler:
-            t0 = time.perf_counter()
-            # 1-2. This rank's share of the global batch, as tokens.
-            batch = build_batch(dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction)
-            queries = model.tokenize(batch.queries, tc.query_max_length)
-            passages = model.tokenize(batch.passages, tc.passage_max_length)
-            # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-            try:
-                parts = train_step(
-                    model,
-                    queries,
-                    passages,
-                    batch.group_size,
-                    memory=config.memory,
-                    loss=config.loss,
-                    step=step,
-                    teacher_scores=batch.teacher_scores,
-                    query_max_length=tc.query_max_length,
-                    passage_max_length=tc.passage_max_length,
-                    autocast_dtype=autocast,
-                    gather=gather,
+    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
+        while step < total_steps:
+            epoch = sampler.epoch
+            for indices in sampler:
+                t0 = time.perf_counter()
+                # 1-2. This rank's share of the global batch, as tokens.
+                batch = build_batch(
+                    dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction
                 )
-                distributed.all_reduce_gradients(model)
-            except Exception as err:
-                raise RuntimeError(
-                    f"rank {rank} failed at step {step + 1}: {type(err).__name__}: {err}"
-                ) from err
-            grad_norm = _clip(params, tc.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                queries = model.tokenize(batch.queries, tc.query_max_length)
+                passages = model.tokenize(batch.passages, tc.passage_max_length)
+                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
+                try:
+                    parts = train_step(
+                        model,
+                        queries,
+                        passages,
+                        batch.group_size,
+                        memory=config.memory,
+                        loss=config.loss,
+                        step=step,
+                        teacher_scores=batch.teacher_scores,
+                        query_max_length=tc.query_max_length,
+                        passage_max_length=tc.passage_max_length,
+                        autocast_dtype=autocast,
+                        gather=gather,
+                    )
+                    distributed.all_reduce_gradients(model)
+                except Exception as err:
+                    raise RuntimeError(
+                        f"rank {rank} failed at step {step + 1}: {type(err).__name__}: {err}"
+                    ) from err
+                grad_norm = _clip(params, tc.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
-            seconds = time.perf_counter() - t0
-            tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * world
-            step_seconds += seconds
-            n_queries += len(batch.queries) * world
-            n_tokens += tokens
-            losses.append(parts["loss"])
-            train_peak = max(train_peak, peak_rss_bytes())
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                **parts,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "seconds": round(seconds, 4),
-                "queries_per_s": len(batch.queries) * world / seconds,
-                "tokens_per_s": tokens / seconds,
-                "peak_rss_mb": peak_rss_bytes() / 2**20,
-                **_gpu_memory(device),
-                "dataset": batch.dataset,
-            }
-            if log is not None:
-                log.write(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{parts['loss']:.4f}",
-                    q_s=f"{metrics['queries_per_s']:.1f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    peak_mb=f"{metrics['peak_rss_mb']:.0f}",
-                )
-            done = step >= total_steps
-            if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
-                eval_after = _evaluate(model, tc, info, step, log)
-                overall_peak = max(overall_peak, peak_rss_bytes())
-                reset_peak_rss()
-            if done or (tc.save_steps and step % tc.save_steps == 0):
-                last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
-            if on_step is not None:
-                on_step(step, metrics)
-            if done:
-                break
+                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
+                seconds = time.perf_counter() - t0
+                tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * world
+                step_seconds += seconds
+                n_queries += len(batch.queries) * world
+                n_tokens += tokens
+                losses.append(parts["loss"])
+                train_peak = max(train_peak, peak_rss_bytes())
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    **parts,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "seconds": round(seconds, 4),
+                    "queries_per_s": len(batch.queries) * world / seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "peak_rss_mb": peak_rss_bytes() / 2**20,
+                    **_gpu_memory(device),
+                    "dataset": batch.dataset,
+                }
+                if log is not None:
+                    log.write(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{parts['loss']:.4f}",
+                        q_s=f"{metrics['queries_per_s']:.1f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}",
+                        peak_mb=f"{metrics['peak_rss_mb']:.0f}",
+                    )
+                done = step >= total_steps
+                if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
+                    eval_after = _evaluate(model, tc, info, step, log)
+                    overall_peak = max(overall_peak, peak_rss_bytes())
+                    reset_peak_rss()
+                if done or (tc.save_steps and step % tc.save_steps == 0):
+                    last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
+                if on_step is not None:
+                    on_step(step, metrics)
+                if done:
+                    break
     if bar is not None:
         bar.close()
     if last_ckpt is None and step > 0 and info.is_main:  # e.g. resumed at the end already
@@ -532,7 +535,11 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
     heads = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
-    return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
+    # A local folder loads in a second: transformers' "Loading weights" bar is noise then (a Hub
+    # download keeps its bars).
+    quiet = _no_library_progress_bars() if Path(path).is_dir() else contextlib.nullcontext()
+    with quiet:
+        return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
 
 
 def _optimizer(model: M3Model, tc: TrainConfig) -> torch.optim.AdamW:
@@ -609,6 +616,18 @@ def _save(
     if info.enabled:
         torch.distributed.barrier()
     return path
+
+
+@contextlib.contextmanager
+def _logging_beside(bar):
+    """While ``bar`` is shown, console log records are written through tqdm so they do not cut it."""
+    if bar is None:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
 
 
 @contextlib.contextmanager
