@@ -38,7 +38,7 @@ from m3embed.beir import read_corpus  # noqa: E402
 from m3embed.peers import load_flagembedding_m3  # noqa: E402
 
 logger = logging.getLogger("benchmarks.encode")
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "../shared/data/debdesc/dev/corpus.jsonl"
+DEFAULT_CORPUS = Path("data/debdesc/dev/corpus.jsonl")  # relative to the working directory
 
 
 def prepare_model_dir(directory: Path) -> Path:

@@ -6,6 +6,7 @@ so a directory moves both ways between FlagEmbedding and m3embed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -119,7 +120,10 @@ class M3Model(nn.Module):
         config = M3Config.from_dict(saved)
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+        # The folder is local by now (a Hub snapshot was downloaded above, with its bars): loading it
+        # takes a second, and transformers' "Loading weights" bar is noise.
+        with no_library_progress_bars():
+            backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
         model = cls(backbone, tokenizer, config)
         for head, state, file in (
             (model.colbert_linear, colbert_state, COLBERT_FILE),
@@ -400,6 +404,21 @@ class M3Model(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def no_library_progress_bars():
+    """transformers' own tqdm bars off for the duration (restored after): loading a local folder,
+    saving a checkpoint inside the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> Path:
     """The local folder of a model given as a folder path or a Hub name (``owner/name``).
 

@@ -44,7 +44,7 @@ from m3embed.data import DataConfig, SameDatasetBatchSampler, TrainDataset, buil
 from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
-from m3embed.model import M3Model
+from m3embed.model import M3Model, no_library_progress_bars
 from m3embed.step import train_step
 
 logger = logging.getLogger(__name__)
@@ -535,11 +535,7 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
     heads = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
-    # A local folder loads in a second: transformers' "Loading weights" bar is noise then (a Hub
-    # download keeps its bars).
-    quiet = _no_library_progress_bars() if Path(path).is_dir() else contextlib.nullcontext()
-    with quiet:
-        return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
+    return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
 
 
 def _optimizer(model: M3Model, tc: TrainConfig) -> torch.optim.AdamW:
@@ -601,7 +597,7 @@ def _save(
         states = [rng]
     path = None
     if info.is_main:
-        with _no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
+        with no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
             path = ckpt.save_checkpoint(
                 tc.output_dir,
                 step,
@@ -630,20 +626,6 @@ def _logging_beside(bar):
         yield
 
 
-@contextlib.contextmanager
-def _no_library_progress_bars():
-    """transformers' own tqdm bars off for the duration (restored after), e.g. around checkpoint saving."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _evaluate(
     model: M3Model, tc: TrainConfig, info: distributed.DistInfo, step: int, log: _JsonlLog | None
 ) -> dict[str, float] | None:
@@ -666,6 +648,7 @@ def _evaluate(
                 top_k=EVAL_DEFAULTS.top_k,
                 candidates=EVAL_DEFAULTS.candidates,
                 seed=EVAL_DEFAULTS.seed,
+                show_progress_bar=tc.progress_bar,
             )
         model.train()
         scores = {mode: result[mode]["ndcg@10"] for mode in result["info"]["modes"]}
