@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from m3embed.distributed import CrossDeviceGather, all_reduce_gradients
 from m3embed.losses import LossConfig, batch_scores, contrastive_loss, m3_loss
+from m3embed.memory import MemoryConfig
 from m3embed.scores import dense_scores
 from m3embed.step import train_step
 from m3embed.testing import sample_texts, tiny_model, tiny_tokenizer
@@ -43,8 +44,7 @@ def step(model, queries, passages, teacher, strategy, gather=None):
         queries,
         passages,
         G,
-        strategy=strategy,
-        sub_batch_size=3,
+        memory=MemoryConfig(strategy, sub_batch_size=3),
         loss=loss,
         teacher_scores=teacher,
         gather=gather,

@@ -6,6 +6,7 @@ import torch
 
 from m3embed import M3Model
 from m3embed.losses import LossConfig
+from m3embed.memory import MemoryConfig
 from m3embed.step import train_step
 from m3embed.testing import sample_texts, tiny_model
 
@@ -114,8 +115,7 @@ def test_training_loss_and_gradients_equal_flagembedding(xlmr_tokenizer, kd):
         q_batch,
         p_batch,
         group,
-        strategy="cache",
-        sub_batch_size=2,
+        memory=MemoryConfig("cache", sub_batch_size=2),
         loss=LossConfig(kd_loss_type=kd or "m3_kd_loss"),
         teacher_scores=scores,
     )

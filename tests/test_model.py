@@ -144,6 +144,7 @@ class ShapeRecorder(TorchDispatchMode):
 
 
 def test_no_vocabulary_sized_tensor_in_encode_or_training_step():
+    from m3embed.memory import MemoryConfig
     from m3embed.step import train_step
 
     vocab = 250_002
@@ -152,7 +153,7 @@ def test_no_vocabulary_sized_tensor_in_encode_or_training_step():
     hidden = model.backbone.config.hidden_size
     with ShapeRecorder() as rec:
         model.encode(texts, batch_size=4, return_sparse=True, return_colbert_vecs=True)
-        train_step(model, texts[:4], texts[4:12], 2, strategy="cache", sub_batch_size=3)
+        train_step(model, texts[:4], texts[4:12], 2, memory=MemoryConfig("cache", sub_batch_size=3))
     assert len(rec.shapes) > 100
     offending = [(f, s) for f, s in rec.shapes if vocab in s and s != (vocab, hidden)]
     assert offending == [], offending[:5]  # only the embedding matrix's own gradient may be that wide

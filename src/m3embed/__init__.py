@@ -1,5 +1,7 @@
 """m3embed: BGE-M3-style embedding models (dense + sparse + ColBERT) trained with huge batches on little memory."""
 
+from m3embed.losses import LossConfig
+from m3embed.memory import MemoryConfig
 from m3embed.model import M3Config, M3Model
 from m3embed.reps import M3Reps
 from m3embed.step import train_step
@@ -23,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'm3embed' has no attribute {name!r}")
 
 
-__all__ = ["M3Config", "M3Model", "M3Reps", "train_step", *_LAZY]
+__all__ = ["LossConfig", "M3Config", "M3Model", "M3Reps", "MemoryConfig", "train_step", *_LAZY]
 __version__ = "0.1.0"

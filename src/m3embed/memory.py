@@ -173,13 +173,11 @@ def run_step(
     config: MemoryConfig,
     *,
     gradient_checkpointing: Callable[[bool], None] | None = None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> LossOutput:
     """Forward and backward of one batch; gradients are left in the parameters' ``.grad``.
 
     ``gradient_checkpointing(on)`` switches the encoder's own layer checkpointing for the
     ``checkpoint`` strategy (without it, each sub-batch's encode is checkpointed as a whole).
-    ``no_sync()`` (DDP's) suppresses gradient all-reduce for all re-encoded sub-batches but the last.
     Returns the loss (detached) and its parts.
     """
     size = config.sub_batch_size
@@ -189,7 +187,7 @@ def run_step(
     p_plan = plan_sub_batches(passages.lengths(), size, config.sub_batch_tokens)
 
     if config.strategy == "cache":
-        return _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync)
+        return _cached_step(encode, objective, queries, passages, q_plan, p_plan)
     if config.strategy == "checkpoint":
         if gradient_checkpointing is None:
             return _plain_step(_checkpointed(encode), objective, queries, passages, q_plan, p_plan)
@@ -210,7 +208,7 @@ def _plain_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOut
     return LossOutput(out.loss.detach(), out.parts)
 
 
-def _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync) -> LossOutput:
+def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOutput:
     """``cache``: queries cached as representations, passages as score columns, in five steps."""
     # Step (1): encode the queries without grad, remembering the RNG state each sub-batch started from;
     # keep their representations (short texts, few of them). ``q_all`` are the queries every passage
@@ -244,7 +242,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync) 
     # Step (4): re-encode each passage sub-batch with its RNG state, recompute its score columns and
     # backprop Σ S_block·dL/dS_block: parameter gradients through the passages, dL/dq into q_leaf.
     for rows, state in zip(p_plan, p_states):
-        with _sync(no_sync, last=False), state:
+        with state:
             block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
             _backward_dot(block.tensors(), score_grads.map(lambda g, r=rows: g[:, r.to(g.device)]).tensors())
         del block
@@ -254,8 +252,8 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan, no_sync) 
     _backward_dot(q_all.float_tensors(), q_leaf.map(_grad_or_zeros).float_tensors())
     q_grads = split_like(q.map(_grad_or_zeros), q_plan, [_longest(queries, r) for r in q_plan])
     del q, q_all, q_leaf
-    for k, (rows, state, grad) in enumerate(zip(q_plan, q_states, q_grads)):
-        with _sync(no_sync, last=k == len(q_plan) - 1), state:
+    for rows, state, grad in zip(q_plan, q_states, q_grads):
+        with state:
             rep = encode(*_args(queries.select(rows)))
             _backward_dot(rep.float_tensors(), grad)
     return LossOutput(out.loss.detach(), out.parts)
@@ -276,10 +274,6 @@ def _backward_dot(tensors: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
     pairs = [(t, grads[name]) for name, t in tensors.items() if t.requires_grad]
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
-
-
-def _sync(no_sync, last: bool) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if (no_sync is None or last) else no_sync()
 
 
 def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:

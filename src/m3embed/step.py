@@ -5,9 +5,8 @@ The public entry point for users' own loops; ``m3embed train`` uses it too.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,9 +24,6 @@ def train_step(
     passages: TextsOrTokens,
     group_size: int,
     *,
-    strategy: Literal["none", "checkpoint", "cache"] = "cache",
-    sub_batch_size: int | Literal["auto"] | None = 8,
-    sub_batch_tokens: int | None = None,
     memory: MemoryConfig | None = None,
     loss: LossConfig | None = None,
     step: int = 0,
@@ -35,20 +31,19 @@ def train_step(
     query_max_length: int = 512,
     passage_max_length: int = 512,
     autocast_dtype: torch.dtype | None = None,
-    encoder: EncodeFn | None = None,
     gather: CrossDeviceGather | None = None,
-    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Encode B queries and B·G passages, compute the BGE-M3 loss, backpropagate.
 
     Gradients are left in ``.grad`` (call your optimiser after); returns the loss and each of its parts
     as floats. ``queries``/``passages`` are strings (tokenised here with the model's tokenizer) or an
     already tokenised batch (``TokenBatch`` or a dict with ``input_ids`` and ``attention_mask``).
-    Passages are laid out ``[q0: pos, neg1..neg(G-1), q1: pos, ...]``. ``memory`` overrides
-    ``strategy``/``sub_batch_size``/``sub_batch_tokens``; ``encoder`` replaces ``model`` as the encode
-    function (e.g. its DDP wrapper), ``gather`` adds cross-device negatives.
+    Passages are laid out ``[q0: pos, neg1..neg(G-1), q1: pos, ...]``. ``memory`` chooses the memory
+    strategy and sub-batching (default ``MemoryConfig()``: ``cache``, sub-batches of 8); ``gather``
+    adds cross-device negatives (with several processes, then sum the gradients with
+    :func:`m3embed.distributed.all_reduce_gradients`).
     """
-    memory = memory or MemoryConfig(strategy, sub_batch_size, sub_batch_tokens)
+    memory = memory or MemoryConfig()
     loss = loss or LossConfig()
     device = model.device
     q_batch = _tokens(model, queries, query_max_length, device)
@@ -64,7 +59,7 @@ def train_step(
             len(q_batch), group_size
         )
 
-    encode = encoder or model
+    encode = model
     if autocast_dtype is not None:
         encode = _autocast(encode, device, autocast_dtype)
 
@@ -75,9 +70,7 @@ def train_step(
     def checkpointing(on: bool) -> None:
         model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
 
-    out = run_step(
-        encode, objective, q_batch, p_batch, memory, gradient_checkpointing=checkpointing, no_sync=no_sync
-    )
+    out = run_step(encode, objective, q_batch, p_batch, memory, gradient_checkpointing=checkpointing)
     return out.as_floats()
 
 
