@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from m3embed.beir import parse_json_line, read_corpus, read_lines
 from m3embed.index import IndexOptions, encode_corpus
 from m3embed.model import M3Model
-from m3embed.search import MODES, Searcher, SearchOptions
+from m3embed.scores import check_modes
+from m3embed.search import Searcher, SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class MineOptions:
             raise ValueError(f"MineOptions.rank_range must be 0 <= from < to, got {self.rank_range}")
         if self.negatives < 1:
             raise ValueError(f"MineOptions.negatives must be >= 1, got {self.negatives}")
-        if self.mode not in MODES:
-            raise ValueError(f"MineOptions.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_modes([self.mode], "MineOptions.mode")
 
 
 def read_train_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
