@@ -40,10 +40,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_WEIGHTS", "MODES", "EncodedQueries", "Run", "Searcher", "SearchOptions", "outputs_needed"]
+__all__ = [
+    "DEFAULT_MODE",
+    "DEFAULT_WEIGHTS",
+    "MODES",
+    "EncodedQueries",
+    "Run",
+    "Searcher",
+    "SearchOptions",
+    "outputs_needed",
+]
 
 # Outputs that rank the whole corpus on their own; the modes named after them are that ranking.
 FIRST_STAGES = ("dense", "sparse")
+DEFAULT_MODE = "dense"  # the mode of Searcher.search and `m3embed search` when none is given
 Run = dict[str, list[tuple[str, float]]]
 Ranked = tuple[np.ndarray, np.ndarray]  # rows (n,) int64 and scores (n,) float32, best first
 
@@ -162,7 +172,7 @@ class Searcher:
     def search(
         self,
         queries: Mapping[str, str] | Sequence[str] | EncodedQueries,
-        mode: str = "dense",
+        mode: str = DEFAULT_MODE,
         top_k: int | None = None,
     ) -> Run:
         """Top-k documents of each query in one mode: ``{query_id: [(doc_id, score), ...]}``."""
