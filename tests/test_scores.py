@@ -103,6 +103,6 @@ def test_colbert_pair_score_and_lexical_matching():
 
 def test_fusion_is_the_weighted_mean():
     d, s, c = np.array([1.0]), np.array([2.0]), np.array([4.0])
-    out = S.fuse_pair_scores(d, s, c, [0.4, 0.2, 0.4])
+    out = S.fuse({"dense": d, "sparse": s, "colbert": c}, S.DEFAULT_WEIGHTS)
     assert out["sparse+dense"][0] == pytest.approx((0.2 * 2 + 0.4 * 1) / 0.6)
     assert out["colbert+sparse+dense"][0] == pytest.approx(0.4 * 1 + 0.2 * 2 + 0.4 * 4)

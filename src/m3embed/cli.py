@@ -496,8 +496,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_retrieval(sub: argparse._SubParsersAction) -> None:
-    modes = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+    """The encode, search, eval and mine commands; every default is their options class's (or
+    EVAL_DEFAULTS'), every mode name :data:`m3embed.scores.MODES`."""
+    _add_encode(sub)
+    _add_search(sub)
+    _add_eval(sub)
+    _add_mine(sub)
 
+
+def _add_encode(sub: argparse._SubParsersAction) -> None:
+    from m3embed.index import DTYPES, IndexOptions
+
+    d = IndexOptions()
     p = sub.add_parser("encode", help="encode a corpus into an index folder (resumable)")
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument(
@@ -505,43 +515,89 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", help="index folder to write (an unfinished one is resumed)")
     _model_args(p)
-    p.add_argument("--max-length", type=int, default=512, help="passage truncation in tokens (default 512)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=10_000, help="documents per shard, the unit of resuming")
     p.add_argument(
-        "--dtype", choices=("float32", "float16"), default="float32", help="dense/ColBERT storage type"
+        "--max-length",
+        type=int,
+        default=d.max_length,
+        help=f"passage truncation in tokens (default {d.max_length})",
     )
-    p.add_argument("--no-dense", action="store_true", help="do not store dense vectors")
-    p.add_argument("--no-sparse", action="store_true", help="do not store lexical weights")
-    p.add_argument("--no-colbert", action="store_true", help="do not store ColBERT vectors")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=d.shard_size,
+        help=f"documents per shard, the unit of resuming (default {d.shard_size})",
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, default=d.dtype, help=f"dense/ColBERT storage type (default {d.dtype})"
+    )
+    for output, what in (
+        ("dense", "dense vectors"),
+        ("sparse", "lexical weights"),
+        ("colbert", "ColBERT vectors"),
+    ):
+        p.add_argument(f"--no-{output}", action="store_true", help=f"do not store {what}")
     p.add_argument("--overwrite", action="store_true", help="delete an existing index at OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_user_errors(_run_encode))
 
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    from m3embed.scores import MODES
+    from m3embed.search import DEFAULT_MODE, SearchOptions
+
+    d = SearchOptions()
     p = sub.add_parser("search", help="search an index folder; writes TREC and JSONL runs")
     p.add_argument("index", help="index folder made by `m3embed encode`")
     p.add_argument("queries", help="queries.jsonl (_id, text) or a TSV file 'id<TAB>text'")
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
     _model_args(p, pooling_default_from_index=True)
     p.add_argument(
-        "--mode", nargs="+", choices=modes, default=["dense"], help="one or more modes (default dense)"
+        "--mode",
+        nargs="+",
+        choices=MODES,
+        default=[DEFAULT_MODE],
+        help=f"one or more modes (default {DEFAULT_MODE})",
     )
-    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"hits per query (default {d.top_k})")
+    _candidates_and_weights(p, d.candidates)
     p.add_argument(
-        "--candidates", type=int, default=100, help="dense and sparse top-N fed to ColBERT rerank and fusion"
+        "--query-max-length",
+        type=int,
+        default=d.query_max_length,
+        help=f"query truncation in tokens (default {d.query_max_length})",
     )
-    p.add_argument(
-        "--weights", type=float, nargs=3, default=(0.4, 0.2, 0.4), metavar=("DENSE", "SPARSE", "COLBERT")
-    )
-    p.add_argument("--query-max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--numpy", action="store_true", help="exact NumPy dense search instead of faiss")
     p.add_argument(
         "--output", default="runs", help="folder for <mode>.trec and <mode>.jsonl (default ./runs)"
     )
     p.set_defaults(func=_user_errors(_run_search))
 
+
+def _candidates_and_weights(p: argparse.ArgumentParser, candidates: int) -> None:
+    """--candidates and --weights, the settings of ColBERT rerank and fusion (search and eval)."""
+    from m3embed.scores import DEFAULT_WEIGHTS
+
+    p.add_argument(
+        "--candidates",
+        type=int,
+        default=candidates,
+        help=f"dense and sparse top-N fed to ColBERT rerank and fusion (default {candidates})",
+    )
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs=3,
+        default=DEFAULT_WEIGHTS,
+        metavar=("DENSE", "SPARSE", "COLBERT"),
+        help="fusion weights (default {} {} {})".format(*DEFAULT_WEIGHTS),
+    )
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     from m3embed.eval_defaults import EVAL_DEFAULTS as ED
+    from m3embed.scores import MODES
 
     p = sub.add_parser(
         "eval",
@@ -554,28 +610,21 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     _model_args(p)
     p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
-    p.add_argument("--modes", nargs="+", choices=modes, default=list(modes))
-    p.add_argument(
-        "--weights", type=float, nargs=3, default=(0.4, 0.2, 0.4), metavar=("DENSE", "SPARSE", "COLBERT")
-    )
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     p.add_argument(
         "--max-docs", type=int, help="relevant documents + a seeded random sample of the rest, N in all"
     )
     p.add_argument(
         "--seed", type=int, default=ED.seed, help=f"seed of the --max-docs sample (default {ED.seed})"
     )
-    p.add_argument(
-        "--query-max-length",
-        type=int,
-        default=ED.query_max_length,
-        help=f"query truncation in tokens (default {ED.query_max_length}, as the demo)",
-    )
-    p.add_argument(
-        "--passage-max-length",
-        type=int,
-        default=ED.passage_max_length,
-        help=f"passage truncation in tokens (default {ED.passage_max_length}, as the demo)",
-    )
+    for what in ("query", "passage"):
+        value = getattr(ED, f"{what}_max_length")
+        p.add_argument(
+            f"--{what}-max-length",
+            type=int,
+            default=value,
+            help=f"{what} truncation in tokens (default {value}, as the demo)",
+        )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -583,19 +632,18 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
         help=f"texts per encode batch (default {ED.batch_size})",
     )
     p.add_argument("--top-k", type=int, default=ED.top_k, help=f"hits per query (default {ED.top_k})")
-    p.add_argument(
-        "--candidates",
-        type=int,
-        default=ED.candidates,
-        help=f"dense and sparse top-N fed to ColBERT rerank and fusion (default {ED.candidates})",
-    )
-    p.add_argument(
-        "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
-    )
+    _candidates_and_weights(p, ED.candidates)
+    _index_dir_arg(p)
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_user_errors(_run_eval))
 
+
+def _add_mine(sub: argparse._SubParsersAction) -> None:
+    from m3embed.mine import MineOptions
+    from m3embed.scores import MODES
+
+    d = MineOptions()
     p = sub.add_parser("mine", help="mine hard negatives with the model into a new training file")
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("train", help="training JSONL (query, pos, neg)")
@@ -606,21 +654,26 @@ def _add_retrieval(sub: argparse._SubParsersAction) -> None:
         "--range",
         type=int,
         nargs=2,
-        default=(10, 100),
+        default=d.rank_range,
         metavar=("FROM", "TO"),
-        help="rank range to sample from (default 10 100)",
+        help="rank range to sample from (default {} {})".format(*d.rank_range),
     )
-    p.add_argument("--negatives", type=int, default=15, help="negatives per query (default 15)")
-    p.add_argument("--mode", choices=modes, default="dense")
-    p.add_argument("--query-max-length", type=int, default=128)
-    p.add_argument("--passage-max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--negatives", type=int, default=d.negatives, help=f"negatives per query (default {d.negatives})"
+    )
+    p.add_argument("--mode", choices=MODES, default=d.mode, help=f"default {d.mode}")
+    for name in ("query_max_length", "passage_max_length", "batch_size", "seed"):
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
+    _index_dir_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_user_errors(_run_mine))
+
+
+def _index_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_user_errors(_run_mine))
 
 
 def _user_errors(run):

@@ -5,8 +5,9 @@ takes its unset settings from :data:`EVAL_DEFAULTS` instead of keeping its own. 
 the built-in demo has always evaluated with (its training truncation, 32-token queries and 128-token
 passages), so the README's demo table and ``m3embed eval`` on the demo's checkpoint agree.
 
-The fusion weights of the hybrid modes are :data:`m3embed.search.DEFAULT_WEIGHTS` (the one place that
-knows how the modes fuse); this module stays import-light so that ``--help`` can show its values.
+The fusion weights of the hybrid modes are :data:`m3embed.scores.DEFAULT_WEIGHTS` (``scores`` is the
+one place that knows the modes and how they fuse; ``m3embed.search.DEFAULT_WEIGHTS`` is the same
+object); this module stays import-light so that ``--help`` can show its values.
 """
 
 from __future__ import annotations

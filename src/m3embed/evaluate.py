@@ -13,16 +13,17 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from m3embed.beir import BeirFolder, Document, read_corpus, read_qrels, read_queries
+from m3embed.beir import BeirFolder, Document, Query, read_corpus, read_qrels, read_queries
 from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.index import IndexOptions, encode_corpus, model_name
 from m3embed.model import M3Model
-from m3embed.search import DEFAULT_WEIGHTS, MODES, Run, Searcher, SearchOptions
+from m3embed.scores import DEFAULT_WEIGHTS, MODES, OUTPUTS, check_modes
+from m3embed.search import Run, Searcher, SearchOptions, outputs_needed
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,9 @@ def evaluate_beir(
     ``max_docs`` limits the corpus to every document relevant to an evaluated query plus a
     deterministic (``seed``) random sample of the others, ``max_docs`` in total, for quick runs.
     Modes the model cannot compute (no sparse or ColBERT head) are skipped and listed in
-    ``info["skipped_modes"]``. Only the outputs the requested modes need are encoded and stored (for
-    ``modes=("colbert",)`` the ColBERT candidates then come from the dense top-N alone). ``index_dir`` keeps the encoded corpus there (resumable); by default it
+    ``info["skipped_modes"]``. Only the outputs the requested modes need are encoded and stored
+    (:func:`m3embed.search.outputs_needed`; for ``modes=("colbert",)`` the ColBERT candidates then come
+    from the dense top-N alone). ``index_dir`` keeps the encoded corpus there (resumable); by default it
     goes to a temporary folder.
 
     Returns::
@@ -98,10 +100,105 @@ def evaluate_beir(
           "runs": {mode: run},   # only with return_runs=True
         }
     """
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    # Longer than 60 lines: the public signature and its documented result take 42 of them, and the
+    # settings it reports back in "info" are listed once, here. The work is in the helpers below.
+    check_modes(modes)
     paths = BeirFolder.locate(folder, split)
+    qrels, queries = _read_split(paths)
+    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
+    keep, corpus_size = _select_documents(paths.corpus, relevant, max_docs, seed)
+    n_docs = corpus_size if keep is None else len(keep)
+    logger.info(
+        "evaluating %s on %d queries and %d of %d documents",
+        model_name(model) or "model",
+        len(queries),
+        n_docs,
+        corpus_size,
+    )
+    index_options = _index_options(modes, passage_max_length, batch_size, dtype)
+    search_options = SearchOptions(
+        top_k=top_k,
+        candidates=candidates,
+        weights=tuple(weights),
+        query_max_length=query_max_length,
+        batch_size=batch_size,
+    )
+    corpus = _Subset(paths.corpus, keep)
+    runs, skipped, seconds = _encode_and_search(
+        model, corpus, queries, modes, index_options, search_options, index_dir, show_progress_bar
+    )
+    metrics = {mode: compute_metrics(qrels, run) for mode, run in runs.items()}
+    result: dict[str, Any] = {mode: means for mode, (means, _) in metrics.items()}
+    result["per_language"] = _per_language(queries, {mode: per_q for mode, (_, per_q) in metrics.items()})
+    result["info"] = {
+        "model": model_name(model),
+        "folder": str(folder),
+        "split": split,
+        "modes": list(runs),
+        "skipped_modes": skipped,
+        "queries": len(queries),
+        "documents": n_docs,
+        "corpus_documents": corpus_size,
+        "max_docs": max_docs,
+        "seed": seed,
+        "weights": list(search_options.weights),
+        "top_k": top_k,
+        "candidates": candidates,
+        "query_max_length": query_max_length,
+        "passage_max_length": passage_max_length,
+        **seconds,
+    }
+    if return_runs:
+        result["runs"] = runs
+    return result
+
+
+def _index_options(modes: Sequence[str], max_length: int, batch_size: int, dtype: str) -> IndexOptions:
+    """Index options storing only the outputs ``modes`` read (ColBERT vectors are by far the largest)."""
+    needed = outputs_needed(modes)
+    return IndexOptions(
+        max_length=max_length,
+        batch_size=batch_size,
+        dtype=dtype,  # type: ignore[arg-type]
+        **{output: output in needed for output in OUTPUTS},
+    )
+
+
+def _encode_and_search(
+    model: M3Model,
+    corpus: Iterable[Document],
+    queries: Mapping[str, Query],
+    modes: Sequence[str],
+    index_options: IndexOptions,
+    search_options: SearchOptions,
+    index_dir: str | os.PathLike | None,
+    show_progress_bar: bool,
+) -> tuple[dict[str, Run], list[str], dict[str, float]]:
+    """Encode ``corpus`` into ``index_dir`` (default: a temporary folder) and search it in ``modes``.
+
+    Returns ``{mode: run}`` of the modes the model supports, the modes skipped, and the seconds spent.
+    """
+    with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
+        out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+        started = time.perf_counter()
+        encode_corpus(model, corpus, out, index_options, show_progress_bar=show_progress_bar)
+        encoded = time.perf_counter()
+        searcher = Searcher(out, model, search_options)
+        run_modes = [m for m in modes if m in searcher.modes]
+        skipped = [m for m in modes if m not in searcher.modes]
+        if skipped:
+            logger.info("skipping modes the model cannot compute: %s", ", ".join(skipped))
+        runs = searcher.search_modes({qid: q.text for qid, q in queries.items()}, run_modes)
+        searched = time.perf_counter()
+    seconds = {
+        "encode_seconds": round(encoded - started, 1),  # corpus (0 when index_dir already held it)
+        "search_seconds": round(searched - encoded, 1),  # query encoding + every mode's search
+    }
+    return runs, skipped, seconds
+
+
+def _read_split(paths: BeirFolder) -> tuple[dict[str, dict[str, int]], dict[str, Query]]:
+    """The split's qrels and their queries; qrels of a query the queries file lacks are dropped (logged)."""
     qrels = read_qrels(paths.qrels)
     all_queries = read_queries(paths.queries)
     missing = [qid for qid in qrels if qid not in all_queries]
@@ -117,84 +214,29 @@ def evaluate_beir(
     queries = {qid: all_queries[qid] for qid in qrels}
     if not queries:
         raise ValueError(f"{paths.qrels}: no query of the qrels is in {paths.queries}")
+    return qrels, queries
 
-    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
-    keep, corpus_size = _select_documents(paths.corpus, relevant, max_docs, seed)
-    n_docs = corpus_size if keep is None else len(keep)
-    logger.info(
-        "evaluating %s on %d queries and %d of %d documents",
-        model_name(model) or "model",
-        len(queries),
-        n_docs,
-        corpus_size,
-    )
 
-    # store only the outputs the requested modes read (ColBERT vectors are by far the largest)
-    options = IndexOptions(
-        max_length=passage_max_length,
-        batch_size=batch_size,
-        dtype=dtype,  # type: ignore[arg-type]
-        dense=any(m != "sparse" for m in modes),
-        sparse=any("sparse" in m for m in modes),
-        colbert=any("colbert" in m for m in modes),
-    )
-    search_options = SearchOptions(
-        top_k=top_k,
-        candidates=candidates,
-        weights=tuple(weights),
-        query_max_length=query_max_length,
-        batch_size=batch_size,
-    )
-    with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
-        out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
-        started = time.perf_counter()
-        encode_corpus(model, _Subset(paths.corpus, keep), out, options, show_progress_bar=show_progress_bar)
-        encoded = time.perf_counter()
-        searcher = Searcher(out, model, search_options)
-        run_modes = [m for m in modes if m in searcher.modes]
-        skipped = [m for m in modes if m not in searcher.modes]
-        if skipped:
-            logger.info("skipping modes the model cannot compute: %s", ", ".join(skipped))
-        runs = searcher.search_modes({qid: q.text for qid, q in queries.items()}, run_modes)
-        searched = time.perf_counter()
+def _per_language(
+    queries: Mapping[str, Query], per_query_of: Mapping[str, Mapping[str, Mapping[str, float]]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{mode: {lang: {metric: mean, "queries": n}}}`` over the queries of each language ({} if none).
 
-    result: dict[str, Any] = {}
-    per_language: dict[str, dict[str, dict[str, float]]] = {}
+    ``per_query_of`` is ``{mode: {query_id: {metric: value}}}`` (:func:`compute_metrics`).
+    """
     langs = sorted({q.lang for q in queries.values() if q.lang is not None})
-    for mode in run_modes:
-        means, per_query = compute_metrics(qrels, runs[mode])
-        result[mode] = means
-        if langs:
-            per_language[mode] = {}
-            for lang in langs:
-                rows = [per_query[qid] for qid, q in queries.items() if q.lang == lang]
-                per_language[mode][lang] = {
-                    **{name: sum(r[name] for r in rows) / len(rows) for name in METRIC_NAMES},
-                    "queries": len(rows),
-                }
-    result["per_language"] = per_language
-    result["info"] = {
-        "model": model_name(model),
-        "folder": str(folder),
-        "split": split,
-        "modes": run_modes,
-        "skipped_modes": skipped,
-        "queries": len(queries),
-        "documents": n_docs,
-        "corpus_documents": corpus_size,
-        "max_docs": max_docs,
-        "seed": seed,
-        "weights": list(search_options.weights),
-        "top_k": top_k,
-        "candidates": candidates,
-        "query_max_length": query_max_length,
-        "passage_max_length": passage_max_length,
-        "encode_seconds": round(encoded - started, 1),  # corpus (0 when index_dir already held it)
-        "search_seconds": round(searched - encoded, 1),  # query encoding + every mode's search
-    }
-    if return_runs:
-        result["runs"] = runs
-    return result
+    if not langs:
+        return {}
+    per_language: dict[str, dict[str, dict[str, float]]] = {}
+    for mode, per_query in per_query_of.items():
+        per_language[mode] = {}
+        for lang in langs:
+            rows = [per_query[qid] for qid, q in queries.items() if q.lang == lang]
+            per_language[mode][lang] = {
+                **{name: sum(r[name] for r in rows) / len(rows) for name in METRIC_NAMES},
+                "queries": len(rows),
+            }
+    return per_language
 
 
 def _select_documents(

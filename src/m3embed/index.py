@@ -34,20 +34,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from m3embed.beir import Document, read_corpus
 from m3embed.model import M3Model
 
+# scipy (the `search` extra) is imported where it is used, so that the CLI can read IndexOptions'
+# defaults for its --help, and `m3embed train` runs, without it.
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+Dtype = Literal["float32", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)  # storage types of dense and ColBERT vectors
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,14 @@ class IndexOptions:
     max_length: int = 512  # passage truncation, in tokens
     batch_size: int = 32  # texts per encoder forward pass
     shard_size: int = 10_000  # documents per shard (the unit of resuming; one shard is held in memory)
-    dtype: Literal["float32", "float16"] = "float32"  # storage type of dense and ColBERT vectors
+    dtype: Dtype = "float32"  # storage type of dense and ColBERT vectors
     dense: bool = True  # store dense vectors
     sparse: bool = True  # store lexical weights (ignored, with a log line, if the model has no sparse head)
     colbert: bool = True  # store ColBERT vectors (ignored, with a log line, if the model has no ColBERT head)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16"):
-            raise ValueError(f"IndexOptions.dtype must be 'float32' or 'float16', got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"IndexOptions.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("max_length", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"IndexOptions.{name} must be >= 1, got {getattr(self, name)}")
@@ -184,10 +190,36 @@ def encode_corpus(
     if scan.documents == 0:
         where = f"{corpus}: the corpus file" if isinstance(corpus, str | os.PathLike) else "the corpus"
         raise ValueError(f"{where} has no documents; an index needs at least one")
-    fingerprint = model_fingerprint(model)
-    manifest: dict[str, Any] = {
+    manifest = _prepare_folder(out, _new_manifest(model, options, corpus, scan), resume, overwrite)
+
+    shards = {f"shard-{k:05d}": digest for k, digest in enumerate(scan.shard_hashes)}  # name -> hash
+    kept = _keep_unchanged_shards(out, manifest, shards)
+    reused = manifest["counts"]["documents"]
+    if len(kept) == len(shards) and manifest["complete"]:
+        logger.info("%s is already complete (%d documents)", out, reused)
+        encoded = 0
+    else:
+        manifest["complete"] = False
+        if kept:
+            logger.info("reusing %d finished shards (%d documents) of %s", len(kept), reused, out)
+        _encode_shards(model, documents(), out, manifest, options, shards, kept, show_progress_bar)
+        manifest["complete"] = True
+        encoded = scan.documents - reused
+        logger.info("encoded %d documents into %s", manifest["counts"]["documents"], out)
+    manifest["last_run"] = _last_run(encoded, reused, started)
+    _write_manifest(out, manifest)
+    return out
+
+
+def _new_manifest(model: M3Model, options: IndexOptions, corpus: Any, scan: CorpusScan) -> dict[str, Any]:
+    """The manifest of an index of ``corpus`` by ``model`` with no shard finished yet."""
+    return {
         "format_version": FORMAT_VERSION,
-        "model": {"name": model_name(model), "fingerprint": fingerprint, "config": asdict(model.config)},
+        "model": {
+            "name": model_name(model),
+            "fingerprint": model_fingerprint(model),
+            "config": asdict(model.config),
+        },
         "options": asdict(options),
         "corpus": {**_corpus_info(corpus), "documents": scan.documents},
         "vocab_size": vocab_size(model),
@@ -195,6 +227,14 @@ def encode_corpus(
         "counts": {"documents": 0, "colbert_vectors": 0, "title_only": 0},
         "complete": False,
     }
+
+
+def _prepare_folder(out: Path, manifest: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Make ``out`` ready to write: emptied (``overwrite``) or kept for resuming; return the manifest to use.
+
+    An existing index is resumed (its manifest returned, checked against ``manifest``), deleted with
+    ``overwrite``, or refused; a non-empty folder that is no index is refused unless ``overwrite``.
+    """
     if (out / MANIFEST).exists():
         if overwrite:
             shutil.rmtree(out)
@@ -209,28 +249,29 @@ def encode_corpus(
             raise FileExistsError(f"{out}: directory exists, is not empty and has no {MANIFEST}")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return manifest
 
-    names = [f"shard-{k:05d}" for k in range(len(scan.shard_hashes))]
-    kept = _keep_unchanged_shards(out, manifest, dict(zip(names, scan.shard_hashes, strict=True)))
-    reused = manifest["counts"]["documents"]
-    if len(kept) == len(names) and manifest["complete"]:
-        logger.info("%s is already complete (%d documents)", out, reused)
-        manifest["last_run"] = _last_run(0, reused, started)
-        _write_manifest(out, manifest)
-        return out
-    manifest["complete"] = False
-    if kept:
-        logger.info("reusing %d finished shards (%d documents) of %s", len(kept), reused, out)
 
+def _encode_shards(
+    model: M3Model,
+    docs: Iterator[Document],
+    out: Path,
+    manifest: dict[str, Any],
+    options: IndexOptions,
+    shards: dict[str, str],
+    kept: set[str],
+    show_progress_bar: bool,
+) -> None:
+    """Encode every shard of ``shards`` (name -> hash of its documents) not in ``kept``, recording each
+    in the manifest (on disk) as it finishes; ``docs`` is the whole corpus."""
     bar = tqdm(
-        total=scan.documents,
-        initial=reused,
+        total=manifest["corpus"]["documents"],
+        initial=manifest["counts"]["documents"],
         desc="Encoding corpus",
         unit="doc",
         disable=not show_progress_bar,
     )
-    docs = documents()
-    for name, digest in zip(names, scan.shard_hashes, strict=True):
+    for name, digest in shards.items():
         chunk = list(islice(docs, options.shard_size))
         if name in kept:
             continue
@@ -247,11 +288,6 @@ def encode_corpus(
         _write_manifest(out, manifest)
         bar.update(len(chunk))
     bar.close()
-    manifest["complete"] = True
-    manifest["last_run"] = _last_run(scan.documents - reused, reused, started)
-    _write_manifest(out, manifest)
-    logger.info("encoded %d documents into %s", manifest["counts"]["documents"], out)
-    return out
 
 
 def _reiterable(corpus: str | os.PathLike | Iterable[Document]) -> Callable[[], Iterator[Document]]:
@@ -361,6 +397,8 @@ def _write_shard(
     if options.dense:
         np.save(tmp / "dense.npy", out["dense_vecs"].astype(options.dtype))
     if options.sparse:
+        import scipy.sparse as sp
+
         sp.save_npz(tmp / "sparse.npz", lexical_weights_to_csr(out["lexical_weights"], n_cols))
     n_vectors = 0
     if options.colbert:
@@ -379,6 +417,8 @@ def lexical_weights_to_csr(weights: Sequence[dict[str, float]], n_cols: int) -> 
 
     Shapes: n dicts -> (n, n_cols) float32.
     """
+    import scipy.sparse as sp
+
     indptr = np.zeros(len(weights) + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(w) for w in weights])
     indices = np.fromiter((int(t) for w in weights for t in w), dtype=np.int64, count=int(indptr[-1]))
@@ -465,6 +505,8 @@ class CorpusIndex:
             self.dense = np.concatenate([np.load(s / "dense.npy") for s in shards]).astype(np.float32)
         self.sparse: sp.csr_matrix | None = None  # (N, vocab) float32
         if opts["sparse"]:
+            import scipy.sparse as sp
+
             parts = [sp.load_npz(s / "sparse.npz") for s in shards]
             self.sparse = (
                 sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, n_cols), dtype=np.float32)

@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from m3embed.beir import parse_json_line, read_corpus, read_lines
 from m3embed.index import IndexOptions, encode_corpus
 from m3embed.model import M3Model
-from m3embed.search import MODES, Searcher, SearchOptions
+from m3embed.scores import check_modes
+from m3embed.search import Searcher, SearchOptions
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,7 @@ class MineOptions:
             raise ValueError(f"MineOptions.rank_range must be 0 <= from < to, got {self.rank_range}")
         if self.negatives < 1:
             raise ValueError(f"MineOptions.negatives must be >= 1, got {self.negatives}")
-        if self.mode not in MODES:
-            raise ValueError(f"MineOptions.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_modes([self.mode], "MineOptions.mode")
 
 
 def read_train_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -96,8 +96,6 @@ def mine_hard_negatives(
     texts = [doc.text for doc in read_corpus(corpus)]  # texts of the negatives written out
     if not texts:
         raise ValueError(f"{corpus}: the corpus has no documents")
-    rng = random.Random(options.seed)
-    counts = {"lines": 0, "padded": 0}
     with tempfile.TemporaryDirectory(prefix="m3embed-mine-") as tmp:
         # 2. Encode the corpus.
         index = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
@@ -110,30 +108,46 @@ def mine_hard_negatives(
             batch_size=options.batch_size,
         )
         searcher = Searcher(index, model, search_options)
-        row_of = searcher.index.id_to_row
         # 3. Search and sample, batch by batch, into a temporary file renamed when complete.
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = out_path.with_name(f".{out_path.name}.partial")
         bar = tqdm(total=n_lines, desc="Mining negatives", unit="line", disable=not show_progress_bar)
-        try:
-            with open(partial, "w", encoding="utf-8") as out:
-                batch: list[dict[str, Any]] = []
-                for _, obj in read_train_lines(train_path):
-                    batch.append(obj)
-                    if len(batch) == options.queries_per_search:
-                        _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
-                        bar.update(len(batch))
-                        batch = []
-                if batch:
-                    _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
-                    bar.update(len(batch))
-            os.replace(partial, out_path)
-        finally:
-            bar.close()
-            partial.unlink(missing_ok=True)
+        with bar:
+            counts = _write_mined(searcher, train_path, out_path, texts, options, bar.update)
     logger.info(
         "mined negatives for %d lines (%d padded with random documents)", counts["lines"], counts["padded"]
     )
+    return counts
+
+
+def _write_mined(
+    searcher: Searcher,
+    train_path: Path,
+    out_path: Path,
+    texts: list[str],
+    options: MineOptions,
+    progress: Callable[[int], object],
+) -> dict[str, int]:
+    """Write the lines of ``train_path`` with mined negatives to ``out_path``, ``queries_per_search`` lines
+    at a time; via a temporary file renamed when complete (removed on failure). Returns the counts."""
+    rng = random.Random(options.seed)
+    counts = {"lines": 0, "padded": 0}
+    row_of = searcher.index.id_to_row
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = out_path.with_name(f".{out_path.name}.partial")
+    try:
+        with open(partial, "w", encoding="utf-8") as out:
+            batch: list[dict[str, Any]] = []
+            for _, obj in read_train_lines(train_path):
+                batch.append(obj)
+                if len(batch) == options.queries_per_search:
+                    _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+                    progress(len(batch))
+                    batch = []
+            if batch:
+                _mine_batch(searcher, batch, texts, row_of, options, rng, out, counts)
+                progress(len(batch))
+        os.replace(partial, out_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return counts
 
 

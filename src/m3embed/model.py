@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -235,83 +235,44 @@ class M3Model(nn.Module):
 
         Returns ``{"dense_vecs": ndarray (n, D), "lexical_weights": [{str(token_id): weight}],
         "colbert_vecs": [ndarray (tokens, C)]}``, with ``None`` for outputs not asked for; one text in,
-        one item out. Texts are length-sorted into batches and the results put back in input order.
+        one item out. Batching (length-sorted, with out-of-memory back-off) is :func:`encode_batches`.
         """
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         check_texts(texts)
+        wanted = {
+            "dense_vecs": return_dense,
+            "lexical_weights": return_sparse,
+            "colbert_vecs": return_colbert_vecs,
+        }
+        self._check_heads(return_sparse, return_colbert_vecs)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        outputs: dict[str, list[Any]] = {key: [None] * len(texts) for key, want in wanted.items() if want}
+        if texts:
+            autocast = _autocast(self.device, use_fp16, use_bf16)
+            ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
+            show = len(texts) > batch_size if show_progress_bar is None else show_progress_bar
+            with _eval_mode(self), tqdm(total=len(texts), desc="Encoding", disable=not show) as bar:
+                for rows, batch, reps in encode_batches(self, ids["input_ids"], batch_size, autocast):
+                    for key, values in _numpy_outputs(reps, batch, outputs).items():
+                        for i, value in zip(rows, values, strict=True):
+                            outputs[key][i] = value
+                    bar.update(len(rows))
+        if "dense_vecs" in outputs:
+            dense = outputs["dense_vecs"]
+            outputs["dense_vecs"] = np.stack(dense) if dense else np.zeros((0, self._dense_dim()), np.float32)
+        result = {key: outputs.get(key) for key in wanted}
+        return {k: (v[0] if v is not None else None) for k, v in result.items()} if single else result
+
+    def _check_heads(self, return_sparse: bool, return_colbert_vecs: bool) -> None:
+        """ValueError when an output is asked of a model without its head."""
         if return_sparse and self.sparse_linear is None:
             raise ValueError("return_sparse=True but this model has no sparse head (use_sparse=False)")
         if return_colbert_vecs and self.colbert_linear is None:
             raise ValueError(
                 "return_colbert_vecs=True but this model has no ColBERT head (use_colbert=False)"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-
-        if not texts:
-            return {
-                "dense_vecs": np.zeros((0, self._dense_dim()), dtype=np.float32) if return_dense else None,
-                "lexical_weights": [] if return_sparse else None,
-                "colbert_vecs": [] if return_colbert_vecs else None,
-            }
-        was_training = self.training
-        self.eval()
-        device = self.device
-        autocast = _autocast(device, use_fp16, use_bf16)
-        ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)[
-            "input_ids"
-        ]
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        dense_out: list[np.ndarray | None] = [None] * len(texts)
-        sparse_out: list[dict[str, float] | None] = [None] * len(texts)
-        colbert_out: list[np.ndarray | None] = [None] * len(texts)
-
-        show = len(texts) > batch_size if show_progress_bar is None else show_progress_bar
-        bar = tqdm(total=len(texts), desc="Encoding", disable=not show)
-        start = 0
-        while start < len(order):
-            rows = order[start : start + batch_size]
-            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-            input_ids = batch["input_ids"].to(device)
-            attention_mask = batch["attention_mask"].to(device)
-            try:
-                with autocast:
-                    reps = self(input_ids, attention_mask)
-            except torch.OutOfMemoryError:
-                if batch_size == 1:
-                    raise
-                batch_size = batch_size * 3 // 4 or 1  # FlagEmbedding's back-off
-                logger.warning("out of memory while encoding; retrying with batch_size=%d", batch_size)
-                _empty_cache(device)
-                continue
-            lengths = attention_mask.sum(1).tolist()
-            if return_dense:
-                dense = reps.dense.float().cpu().numpy()
-                for k, i in enumerate(rows):
-                    dense_out[i] = dense[k]
-            if return_sparse:
-                weights = reps.token_weights.float().cpu().numpy()
-                token_ids = input_ids.cpu().numpy()
-                for k, i in enumerate(rows):
-                    sparse_out[i] = _lexical_weights(token_ids[k, : lengths[k]], weights[k, : lengths[k]])
-            if return_colbert_vecs:
-                colbert = reps.colbert.float().cpu().numpy()
-                for k, i in enumerate(rows):
-                    colbert_out[i] = colbert[k, : lengths[k] - 1]  # every non-pad token after CLS
-            start += len(rows)
-            bar.update(len(rows))
-        bar.close()
-        self.train(was_training)
-
-        result: dict[str, Any] = {
-            "dense_vecs": np.stack(dense_out) if return_dense else None,
-            "lexical_weights": sparse_out if return_sparse else None,
-            "colbert_vecs": colbert_out if return_colbert_vecs else None,
-        }
-        if single:
-            result = {k: (v[0] if v is not None else None) for k, v in result.items()}
-        return result
 
     def encode_queries(
         self, queries: str | Sequence[str], max_length: int = 512, **kwargs: Any
@@ -330,13 +291,7 @@ class M3Model(nn.Module):
     @staticmethod
     def compute_lexical_matching_score(lexical_weights_1: Any, lexical_weights_2: Any) -> float | np.ndarray:
         """Σ over shared tokens of w1·w2; two dicts give a float, two lists a (n1, n2) matrix."""
-        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
-            return S.lexical_matching_score(lexical_weights_1, lexical_weights_2)
-        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
-            return np.array(
-                [[S.lexical_matching_score(a, b) for b in lexical_weights_2] for a in lexical_weights_1]
-            )
-        raise ValueError("lexical weights must be two dicts or two lists of dicts")
+        return S.lexical_matching_scores(lexical_weights_1, lexical_weights_2)
 
     @staticmethod
     def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> float:
@@ -361,22 +316,17 @@ class M3Model(nn.Module):
     ) -> dict[str, Any]:
         """Scores of (query, passage) pairs by each output and their weighted fusions.
 
-        Returns FlagEmbedding's keys: ``dense``, ``sparse``, ``colbert``, ``sparse+dense`` and
-        ``colbert+sparse+dense`` (weighted means with ``weights_for_different_modes = [w_d, w_s, w_c]``,
-        default ``[1, 1, 1]``); one pair in, floats out.
+        Returns FlagEmbedding's keys (:data:`m3embed.scores.MODES`): ``dense``, ``sparse``,
+        ``colbert``, ``sparse+dense`` and ``colbert+sparse+dense`` (weighted means with
+        ``weights_for_different_modes = [w_d, w_s, w_c]``, default ``[1, 1, 1]``); one pair in, floats
+        out. The scoring is :func:`m3embed.scores.encoded_pair_scores`.
         """
         if isinstance(sentence_pairs, list | tuple) and len(sentence_pairs) == 0:
-            return {k: [] for k in S.FUSED_KEYS}
-        single = isinstance(sentence_pairs[0], str)
-        pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
-        for i, pair in enumerate(pairs):
-            if len(pair) != 2:
-                raise ValueError(
-                    f"sentence_pairs[{i}] must be a (query, passage) pair, got {len(pair)} items"
-                )
-        weights = list(weights_for_different_modes or (1.0, 1.0, 1.0))
-        if len(weights) != 3:
-            raise ValueError(f"weights_for_different_modes must be [dense, sparse, colbert], got {weights}")
+            return {mode: [] for mode in S.MODES}
+        pairs, single = S.as_pairs(sentence_pairs)
+        weights = S.check_weights(
+            weights_for_different_modes or S.PAIR_SCORE_WEIGHTS, "weights_for_different_modes"
+        )
         kwargs = dict(
             batch_size=batch_size,
             return_dense=True,
@@ -386,21 +336,8 @@ class M3Model(nn.Module):
         )
         q = self.encode([p[0] for p in pairs], max_length=max_query_length, **kwargs)
         p = self.encode([p[1] for p in pairs], max_length=max_passage_length, **kwargs)
-        dense = np.einsum("nd,nd->n", q["dense_vecs"], p["dense_vecs"])
-        sparse = np.array(
-            [S.lexical_matching_score(a, b) for a, b in zip(q["lexical_weights"], p["lexical_weights"])]
-            if q["lexical_weights"] is not None
-            else np.zeros_like(dense)
-        )
-        colbert = np.array(
-            [S.colbert_pair_score(a, b) for a, b in zip(q["colbert_vecs"], p["colbert_vecs"])]
-            if q["colbert_vecs"] is not None
-            else np.zeros_like(dense)
-        )
-        result = S.fuse_pair_scores(dense, sparse, colbert, weights)
-        if single:
-            return {k: v[0] for k, v in result.items()}
-        return result
+        result = S.encoded_pair_scores(q, p, weights)
+        return {k: v[0] for k, v in result.items()} if single else result
 
 
 # ---------------------------------------------------------------------- helpers
@@ -501,6 +438,77 @@ def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, fl
     token_ids, weights = token_ids[order], weights[order]
     last = np.append(token_ids[1:] != token_ids[:-1], True)
     return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
+
+
+def encode_batches(
+    model: M3Model, token_ids: list[list[int]], batch_size: int, autocast: Any = None
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], M3Reps]]:
+    """Run ``model`` over length-sorted batches of tokenised texts: yield ``(rows, batch, reps)``.
+
+    Texts are batched longest first, so each batch carries little padding; ``rows`` are the texts'
+    positions in ``token_ids``, ``batch`` the padded ``input_ids`` / ``attention_mask`` on the model's
+    device. A batch that runs out of memory is retried with 3/4 of the batch size (FlagEmbedding's
+    back-off), down to one text; the smaller size is kept for the rest. ``autocast`` is a context
+    manager around each forward pass (none by default).
+
+    Shapes: batch["input_ids"], batch["attention_mask"] (b, L) -> reps of b texts.
+    """
+    device = model.device
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    start = 0
+    while start < len(order):
+        rows = order[start : start + batch_size]
+        padded = model.tokenizer.pad({"input_ids": [token_ids[i] for i in rows]}, return_tensors="pt")
+        batch = {
+            "input_ids": padded["input_ids"].to(device),
+            "attention_mask": padded["attention_mask"].to(device),
+        }
+        try:
+            with autocast or contextlib.nullcontext():
+                reps = model(batch["input_ids"], batch["attention_mask"])
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = batch_size * 3 // 4 or 1
+            logger.warning("out of memory while encoding; retrying with batch_size=%d", batch_size)
+            _empty_cache(device)
+            continue
+        yield rows, batch, reps
+        start += len(rows)
+
+
+def _numpy_outputs(
+    reps: M3Reps, batch: dict[str, torch.Tensor], keys: Collection[str]
+) -> dict[str, list[Any]]:
+    """One batch's outputs named by ``keys`` (FlagEmbedding's), as one NumPy value per text, in batch order.
+
+    Lexical weights and ColBERT vectors cover each text's own tokens only (no padding; ColBERT skips CLS).
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    out: dict[str, list[Any]] = {}
+    if "dense_vecs" in keys:
+        out["dense_vecs"] = list(reps.dense.float().cpu().numpy())
+    if "lexical_weights" in keys:
+        weights = reps.token_weights.float().cpu().numpy()
+        token_ids = batch["input_ids"].cpu().numpy()
+        out["lexical_weights"] = [
+            _lexical_weights(token_ids[k, :n], weights[k, :n]) for k, n in enumerate(lengths)
+        ]
+    if "colbert_vecs" in keys:
+        colbert = reps.colbert.float().cpu().numpy()
+        out["colbert_vecs"] = [colbert[k, : n - 1] for k, n in enumerate(lengths)]  # non-pad tokens after CLS
+    return out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the duration (dropout off), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def _autocast(device: torch.device, use_fp16: bool, use_bf16: bool):

@@ -9,13 +9,72 @@ Batch scores are memory-lean by construction:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-FUSED_KEYS = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+# ---------------------------------------------------------------------- retrieval modes and fusion
+Output = Literal["dense", "sparse", "colbert"]
+OUTPUTS: tuple[Output, ...] = ("dense", "sparse", "colbert")  # the order of every weights triple
+# Each mode is the weighted mean of the outputs it names (FlagEmbedding's ``compute_score`` keys); the
+# name is its outputs joined by "+", so a mode's name and what it needs cannot disagree.
+MODE_OUTPUTS: dict[str, tuple[Output, ...]] = {
+    "+".join(outputs): outputs
+    for outputs in (
+        ("dense",),
+        ("sparse",),
+        ("colbert",),
+        ("sparse", "dense"),
+        ("colbert", "sparse", "dense"),
+    )
+}
+MODES: tuple[str, ...] = tuple(MODE_OUTPUTS)
+# (dense, sparse, colbert): the weights FlagEmbedding's README recommends for BGE-M3 retrieval.
+DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
+# FlagEmbedding's ``compute_score`` default (``weights_for_different_modes=None``): plain means.
+PAIR_SCORE_WEIGHTS: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+ScoreT = TypeVar("ScoreT")
+
+
+def check_modes(modes: Sequence[str], what: str = "modes") -> None:
+    """ValueError naming ``what``, the unknown modes and the known ones."""
+    unknown = [m for m in modes if m not in MODE_OUTPUTS]
+    if unknown:
+        raise ValueError(f"{what} must be one of {', '.join(MODES)}; got {', '.join(map(repr, unknown))}")
+
+
+def check_weights(weights: Sequence[float], what: str) -> tuple[float, float, float]:
+    """``weights`` as a float triple (dense, sparse, colbert); ValueError naming ``what`` otherwise."""
+    if len(weights) != len(OUTPUTS):
+        raise ValueError(f"{what} must be [dense, sparse, colbert], got {list(weights)}")
+    return tuple(float(w) for w in weights)  # type: ignore[return-value]
+
+
+def fuse(
+    scores: Mapping[str, ScoreT], weights: Sequence[float], modes: Sequence[str] = MODES
+) -> dict[str, ScoreT]:
+    """Every mode's score from the outputs' scores: the weighted mean of the outputs the mode names.
+
+    ``sparse+dense = (w_s·s + w_d·d) / (w_s + w_d)``,
+    ``colbert+sparse+dense = (w_c·c + w_s·s + w_d·d) / (w_c + w_s + w_d)``; a one-output mode is
+    that output's score. ``scores`` maps output names to arrays (or tensors) of one shape; only the
+    outputs ``modes`` name need to be there. ``weights`` = (w_dense, w_sparse, w_colbert).
+    """
+    w = dict(zip(OUTPUTS, check_weights(weights, "fusion weights")))
+    fused: dict[str, Any] = {}
+    for mode in modes:
+        outputs = MODE_OUTPUTS[mode]
+        if len(outputs) == 1:
+            fused[mode] = scores[outputs[0]]
+        else:
+            fused[mode] = sum(w[o] * scores[o] for o in outputs) / sum(w[o] for o in outputs)
+    return fused
+
+
 # Elements of one MaxSim / sparse block; 2**24 fp32 elements = 64 MiB.
 DEFAULT_BLOCK_ELEMENTS = 2**24
 
@@ -160,15 +219,44 @@ def colbert_pair_score(q_vecs: np.ndarray, p_vecs: np.ndarray) -> float:
     return float((q @ p.T).max(dim=1).values.sum() / q.shape[0])
 
 
-def fuse_pair_scores(
-    dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]
+# ---------------------------------------------------------------------- FlagEmbedding's pair-scoring API
+def lexical_matching_scores(weights_1: Any, weights_2: Any) -> float | np.ndarray:
+    """FlagEmbedding's ``compute_lexical_matching_score``: two dicts give a float, two lists a matrix.
+
+    Shapes: n1 dicts, n2 dicts -> (n1, n2).
+    """
+    if isinstance(weights_1, dict) and isinstance(weights_2, dict):
+        return lexical_matching_score(weights_1, weights_2)
+    if isinstance(weights_1, list) and isinstance(weights_2, list):
+        return np.array([[lexical_matching_score(a, b) for b in weights_2] for a in weights_1])
+    raise ValueError("lexical weights must be two dicts or two lists of dicts")
+
+
+def as_pairs(
+    sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+) -> tuple[list[tuple[str, str]], bool]:
+    """``compute_score``'s input as a list of (query, passage) pairs, and whether one pair was given."""
+    single = isinstance(sentence_pairs[0], str)
+    pairs = [tuple(sentence_pairs)] if single else [tuple(p) for p in sentence_pairs]
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {len(pair)} items")
+    return pairs, single  # type: ignore[return-value]
+
+
+def encoded_pair_scores(
+    queries: Mapping[str, Any], passages: Mapping[str, Any], weights: Sequence[float]
 ) -> dict[str, list[float]]:
-    """FlagEmbedding's ``compute_score`` outputs: each mode and the weighted means of their fusions."""
-    w_d, w_s, w_c = weights
-    return {
-        "dense": dense.tolist(),
-        "sparse": sparse.tolist(),
-        "colbert": colbert.tolist(),
-        "sparse+dense": ((w_s * sparse + w_d * dense) / (w_s + w_d)).tolist(),
-        "colbert+sparse+dense": ((w_c * colbert + w_s * sparse + w_d * dense) / (w_c + w_s + w_d)).tolist(),
-    }
+    """Query i against passage i in every mode, from two ``M3Model.encode`` outputs of n texts each.
+
+    An output the encodings lack (no sparse or ColBERT head) scores 0. Returns ``{mode: n floats}``.
+    """
+    dense = np.einsum("nd,nd->n", queries["dense_vecs"], passages["dense_vecs"])
+    per_output = {"dense": dense, "sparse": np.zeros_like(dense), "colbert": np.zeros_like(dense)}
+    if queries["lexical_weights"] is not None:
+        pairs = zip(queries["lexical_weights"], passages["lexical_weights"])
+        per_output["sparse"] = np.array([lexical_matching_score(a, b) for a, b in pairs])
+    if queries["colbert_vecs"] is not None:
+        pairs = zip(queries["colbert_vecs"], passages["colbert_vecs"])
+        per_output["colbert"] = np.array([colbert_pair_score(a, b) for a, b in pairs])
+    return {mode: score.tolist() for mode, score in fuse(per_output, weights).items()}
