@@ -842,13 +842,17 @@ class Checks:
     ) -> None:
         batch_b = batch_b or batch
         ma, mb = self.get(a, batch), self.get(b, batch_b)
-        which = f"B={batch}" if batch_b == batch else f"B={batch} / B={batch_b}"
+        what = (
+            f"peak, {LABELS[a]}, B={batch} / B={batch_b}"
+            if a == b
+            else f"peak, {LABELS[a]} / {LABELS[b]}, B={batch}"
+        )
         self.add(
-            f"peak, {LABELS[a]} / {LABELS[b]}, {which}",
+            what,
             f"{_fmt(ma, '.0f')} / {_fmt(mb, '.0f')} MB = {_fmt(_ratio(ma, mb), '.3f')}×",
             _ratio(ma, mb),
             target,
-            f"≤ {target:g}×",
+            None if target is None else f"≤ {target:g}×",
         )
 
     def time_ratio(self, a: str, b: str, batch: int, target: float | None) -> None:
@@ -945,7 +949,11 @@ def phases(rows: list[dict], workload: str, method: str = "m3embed-cache") -> li
     points = [
         r
         for r in sorted(rows, key=lambda r: r["batch"])
-        if r["workload"] == workload and r["method"] == method and r["status"] == "ok" and r.get("phases")
+        if r["workload"] == workload
+        and r["method"] == method
+        and r["status"] == "ok"
+        and r.get("phases")
+        and "step" in r["phases"][0]  # rows traced before issue 12 had other phases
     ]
     if not points:
         return []
@@ -976,7 +984,7 @@ def table(rows: list[dict], workload: str) -> list[str]:
     for row in rows:
         if row["workload"] != workload:
             continue
-        sub = row.get("sub_batch") or ("—" if row["method"].endswith("-none") else "8")
+        sub = row.get("sub_batch") or WORKLOADS[workload].sub_batch_of(row["method"]) or "—"
         run = row.get("run") or "—"
         if row["status"] == "ok":
             lines.append(
