@@ -358,36 +358,149 @@ def train(config: RunConfig, *, on_step: StepCallback | None = None) -> TrainRes
 
     Bad data raises :class:`~m3embed.data.DataError` before the model is loaded.
     """
-    tc, dc = config.train, config.data
     created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = distributed.init_from_env(timeout_s=config.train.dist_timeout_s)
     try:
-        return _train(config, tc, dc, info, on_step)
+        return _train(config, info, on_step)
     finally:
         if created_group and info.enabled:
             torch.distributed.destroy_process_group()
 
 
-def _train(
-    config: RunConfig,
-    tc: TrainConfig,
-    dc: DataConfig,
-    info: distributed.DistInfo,
-    on_step: StepCallback | None,
-) -> TrainResult:
-    started = time.perf_counter()
-    rank, world = info.rank, info.world_size
+def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback | None) -> TrainResult:
+    """Set up (or resume), then the numbered steps of the module docstring until the last step."""
+    tc = config.train
+    meter = Meter(info.world_size)
+    run = _setup(config, info)
+    first_step = run.step
+    eval_before = run.log.eval_at(0) if run.log is not None else None  # kept from before an interruption
+    if tc.eval_data and tc.eval_at_start and run.resume_from is None:
+        eval_before = run.evaluate()
+    meter.start_training(run.device)
+    last_ckpt, eval_after = None, None
+    bar = _progress(tc, info, run.total_steps, run.step)
+    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
+        while run.step < run.total_steps:
+            epoch = run.sampler.epoch
+            for indices in run.sampler:
+                t0 = time.perf_counter()
+                # 1-2. This rank's share of the global batch, as tokens.
+                batch, queries, passages = run.next_batch(indices, epoch)
+                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
+                parts, grad_norm, lr = run.update(batch, queries, passages)
+                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
+                done = run.step >= run.total_steps
+                base = {"step": run.step, "epoch": epoch, **parts, "lr": lr, "grad_norm": grad_norm}
+                metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
+                _show(metrics, run.log, bar)
+                if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
+                    eval_after = run.evaluate()
+                    meter.after_evaluation()
+                if done or (tc.save_steps and run.step % tc.save_steps == 0):
+                    last_ckpt = run.save()
+                if on_step is not None:
+                    on_step(run.step, metrics)
+                if done:
+                    break
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None and run.step > 0 and info.is_main:  # e.g. resumed at the end already
+        last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
+    log_file = run.log.path if run.log is not None else None
+    result = meter.result(run.step, first_step, log_file, last_ckpt, eval_before, eval_after)
+    if run.log is not None:
+        run.log.write({"summary": _summary_dict(result)})
+    return result
+
+
+@dataclass
+class _Run:
+    """What the loop works on: built by :func:`_setup`, advanced one optimiser step by :meth:`update`."""
+
+    config: RunConfig
+    info: distributed.DistInfo
+    device: torch.device
+    dataset: TrainDataset
+    sampler: SameDatasetBatchSampler
+    model: M3Model
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    resume_from: Path | None
+    step: int = 0
+    log: _JsonlLog | None = None  # rank 0 only
+
+    def next_batch(self, indices: list[int], epoch: int):
+        """Steps 1-2: the groups of ``indices`` and their tokens (queries, passages)."""
+        dc, tc = self.config.data, self.config.train
+        batch = build_batch(self.dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction)
+        queries = self.model.tokenize(batch.queries, tc.query_max_length)
+        passages = self.model.tokenize(batch.passages, tc.passage_max_length)
+        return batch, queries, passages
+
+    def update(self, batch, queries, passages) -> tuple[dict[str, float], float, float]:
+        """Steps 3-4: forward + backward, gradient sum over ranks, clip, AdamW and schedule step.
+        Returns the loss parts, the gradient norm before clipping and the learning rate used."""
+        tc = self.config.train
+        try:
+            parts = train_step(
+                self.model,
+                queries,
+                passages,
+                batch.group_size,
+                memory=self.config.memory,
+                loss=self.config.loss,
+                step=self.step,
+                teacher_scores=batch.teacher_scores,
+                query_max_length=tc.query_max_length,
+                passage_max_length=tc.passage_max_length,
+                autocast_dtype=torch.bfloat16 if tc.bf16 else None,
+                gather=distributed.CrossDeviceGather() if self.info.enabled else None,
+            )
+            distributed.all_reduce_gradients(self.model)
+        except Exception as err:
+            raise RuntimeError(
+                f"rank {self.info.rank} failed at step {self.step + 1}: {type(err).__name__}: {err}"
+            ) from err
+        grad_norm = _clip([p for p in self.model.parameters() if p.requires_grad], tc.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return parts, grad_norm, lr
+
+    def evaluate(self) -> dict[str, float] | None:
+        return _evaluate(self.model, self.config.train, self.info, self.step, self.log)
+
+    def save(self) -> Path | None:
+        return _save(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.sampler,
+            self.config,
+            self.info,
+            self.step,
+            self.config.train,
+        )
+
+
+def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
+    """Check everything, then build data, model, optimiser and schedule (restored when resuming).
+
+    Nothing is written to output_dir until the folder, the data, the evaluation set and the model
+    have all been checked: a typo must not cost the previous run its log or checkpoints.
+    """
+    tc, dc = config.train, config.data
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     device = torch.device(tc.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
-
-    # Nothing is written to output_dir until the folder, the data, the evaluation set and the model
-    # have all been checked: a typo must not cost the previous run its log or checkpoints.
     earlier_run = check_output_dir(tc)
     # Data first: a bad line must stop the run before minutes of model loading.
     dataset = TrainDataset(dc)
     sampler = SameDatasetBatchSampler(
-        dataset, dc.batch_size, dc.seed, world, rank, dc.length_buckets, dc.drop_last
+        dataset, dc.batch_size, dc.seed, info.world_size, info.rank, dc.length_buckets, dc.drop_last
     )
     resume_from = ckpt.find_checkpoint(tc.resume, tc.output_dir) if tc.resume else None
     if tc.eval_data:
@@ -397,166 +510,135 @@ def _train(
         logger.info("loss config: %s", json.dumps(asdict(config.loss)))
         if dataset.num_skipped:
             logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
+    model = _build_model(config, info, device, resume_from)
+    total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
+    optimizer = _optimizer(model, tc)
+    scheduler = _scheduler(optimizer, tc, total_steps)
+    run = _Run(config, info, device, dataset, sampler, model, optimizer, scheduler, total_steps, resume_from)
+    if resume_from is not None:
+        _resume(run)
+    # Everything checked: from here on output_dir is this run's.
+    if info.is_main:
+        if earlier_run:
+            _delete_run(Path(tc.output_dir), earlier_run)
+        run.log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
+        if resume_from is not None:
+            run.log.write({"resumed_from": str(resume_from), "resumed_at_step": run.step})
+    return run
 
-    # The model: from the checkpoint when resuming (exact weights), else from the configured model.
+
+def _build_model(
+    config: RunConfig, info: distributed.DistInfo, device: torch.device, resume_from: Path | None
+) -> M3Model:
+    """From the checkpoint when resuming (exact weights), else from the configured model; the same
+    start weights on every rank, a different dropout stream per rank."""
+    tc = config.train
     torch.manual_seed(tc.seed)
     model = _load_model(resume_from or tc.model_name_or_path, tc, config.loss, device)
     if tc.freeze_encoder:
         model.backbone.requires_grad_(False)
     model.train()
     distributed.broadcast_parameters(model)
-    torch.manual_seed(tc.seed + rank)  # same start weights everywhere, different dropout per rank
+    torch.manual_seed(tc.seed + info.rank)
+    return model
 
-    total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
-    optimizer = _optimizer(model, tc)
-    scheduler = _scheduler(optimizer, tc, total_steps)
-    step = 0
-    if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
-        saved_world = state["trainer_state"]["world_size"]
-        if saved_world != world:
-            raise ValueError(
-                f"--resume {resume_from}: saved with {saved_world} process(es), this run has {world}; "
-                "resume with the same number of processes (torchrun --nproc_per_node)"
-            )
-        if info.is_main:
-            _warn_config_changes(state["configs"], config, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["trainer_state"]["sampler"])
-        ckpt.set_rng_state(state["rng"][rank])
-        step = state["trainer_state"]["step"]
-        logger.info("resumed from %s at step %d of %d", resume_from, step, total_steps)
-    first_step = step
 
-    # Everything checked: from here on output_dir is this run's.
-    log = None
-    if info.is_main:
-        if earlier_run:
-            _delete_run(Path(tc.output_dir), earlier_run)
-        log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
-        if resume_from is not None:
-            log.write({"resumed_from": str(resume_from), "resumed_at_step": step})
-    eval_before = log.eval_at(0) if log is not None else None  # kept from before the interruption
-    if tc.eval_data and tc.eval_at_start and resume_from is None:
-        eval_before = _evaluate(model, tc, info, step, log)
-    overall_peak = peak_rss_bytes()
-    reset_peak_rss()  # step metrics report the training peak, not the evaluation's
-    train_peak = 0
+def _resume(run: _Run) -> None:
+    """Optimizer, scheduler, sampler position and this rank's RNG state from ``run.resume_from``."""
+    state = ckpt.load_training_state(run.resume_from)
+    saved_world, world = state["trainer_state"]["world_size"], run.info.world_size
+    if saved_world != world:
+        raise ValueError(
+            f"--resume {run.resume_from}: saved with {saved_world} process(es), this run has {world}; "
+            "resume with the same number of processes (torchrun --nproc_per_node)"
+        )
+    if run.info.is_main:
+        _warn_config_changes(state["configs"], run.config, run.resume_from)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["trainer_state"]["sampler"])
+    ckpt.set_rng_state(state["rng"][run.info.rank])
+    run.step = state["trainer_state"]["step"]
+    logger.info("resumed from %s at step %d of %d", run.resume_from, run.step, run.total_steps)
 
-    gather = distributed.CrossDeviceGather() if info.enabled else None
-    autocast = torch.bfloat16 if tc.bf16 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses: list[float] = []
-    n_queries = n_tokens = 0
-    step_seconds = 0.0
-    last_ckpt: Path | None = None
-    eval_after = None
-    bar = _progress(tc, info, total_steps, step)
-    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
-        while step < total_steps:
-            epoch = sampler.epoch
-            for indices in sampler:
-                t0 = time.perf_counter()
-                # 1-2. This rank's share of the global batch, as tokens.
-                batch = build_batch(
-                    dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction
-                )
-                queries = model.tokenize(batch.queries, tc.query_max_length)
-                passages = model.tokenize(batch.passages, tc.passage_max_length)
-                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-                try:
-                    parts = train_step(
-                        model,
-                        queries,
-                        passages,
-                        batch.group_size,
-                        memory=config.memory,
-                        loss=config.loss,
-                        step=step,
-                        teacher_scores=batch.teacher_scores,
-                        query_max_length=tc.query_max_length,
-                        passage_max_length=tc.passage_max_length,
-                        autocast_dtype=autocast,
-                        gather=gather,
-                    )
-                    distributed.all_reduce_gradients(model)
-                except Exception as err:
-                    raise RuntimeError(
-                        f"rank {rank} failed at step {step + 1}: {type(err).__name__}: {err}"
-                    ) from err
-                grad_norm = _clip(params, tc.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
 
-                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
-                seconds = time.perf_counter() - t0
-                tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * world
-                step_seconds += seconds
-                n_queries += len(batch.queries) * world
-                n_tokens += tokens
-                losses.append(parts["loss"])
-                train_peak = max(train_peak, peak_rss_bytes())
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    **parts,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "seconds": round(seconds, 4),
-                    "queries_per_s": len(batch.queries) * world / seconds,
-                    "tokens_per_s": tokens / seconds,
-                    "peak_rss_mb": peak_rss_bytes() / 2**20,
-                    **_gpu_memory(device),
-                    "dataset": batch.dataset,
-                }
-                if log is not None:
-                    log.write(metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{parts['loss']:.4f}",
-                        q_s=f"{metrics['queries_per_s']:.1f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        peak_mb=f"{metrics['peak_rss_mb']:.0f}",
-                    )
-                done = step >= total_steps
-                if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
-                    eval_after = _evaluate(model, tc, info, step, log)
-                    overall_peak = max(overall_peak, peak_rss_bytes())
-                    reset_peak_rss()
-                if done or (tc.save_steps and step % tc.save_steps == 0):
-                    last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
-                if on_step is not None:
-                    on_step(step, metrics)
-                if done:
-                    break
-    if bar is not None:
-        bar.close()
-    if last_ckpt is None and step > 0 and info.is_main:  # e.g. resumed at the end already
-        last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
+class Meter:
+    """Time, throughput and peak memory of this process: each step's metrics and the summary's numbers.
 
-    result = TrainResult(
-        steps=step,
-        first_step=first_step,
-        log_file=log.path if log is not None else None,
-        checkpoint=last_ckpt,
-        losses=losses,
-        eval_before=eval_before,
-        eval_after=eval_after,
-        peak_rss_bytes=max(overall_peak, peak_rss_bytes()),
-        train_peak_rss_bytes=train_peak,
-        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        seconds=time.perf_counter() - started,
-        queries_per_second=n_queries / step_seconds if step_seconds else 0.0,
-        tokens_per_second=n_tokens / step_seconds if step_seconds else 0.0,
-    )
+    Memory is a high-water mark, so the training peak is measured after a reset that follows model
+    loading and every evaluation; the overall peak keeps the maximum across those resets.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.started = time.perf_counter()
+        self.device = torch.device("cpu")
+        self.losses: list[float] = []
+        self.queries = self.tokens = 0
+        self.step_seconds = 0.0
+        self.overall_peak = self.train_peak = 0
+
+    def start_training(self, device: torch.device) -> None:
+        self.device = device
+        self.overall_peak = peak_rss_bytes()
+        reset_peak_rss()  # step metrics report the training peak, not the evaluation's
+
+    def after_evaluation(self) -> None:
+        self.overall_peak = max(self.overall_peak, peak_rss_bytes())
+        reset_peak_rss()
+
+    def step(self, metrics: dict[str, Any], batch, queries, passages, seconds: float) -> dict[str, Any]:
+        """``metrics`` (step, epoch, loss parts, lr, grad_norm) with time, throughput and memory added."""
+        queries_done = len(batch.queries) * self.world_size
+        tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * self.world_size
+        self.step_seconds += seconds
+        self.queries += queries_done
+        self.tokens += tokens
+        self.losses.append(metrics["loss"])
+        self.train_peak = max(self.train_peak, peak_rss_bytes())
+        return {
+            **metrics,
+            "seconds": round(seconds, 4),
+            "queries_per_s": queries_done / seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
+            **_gpu_memory(self.device),
+            "dataset": batch.dataset,
+        }
+
+    def result(
+        self, steps: int, first_step: int, log_file, checkpoint, eval_before, eval_after
+    ) -> TrainResult:
+        cuda = self.device.type == "cuda"
+        return TrainResult(
+            steps=steps,
+            first_step=first_step,
+            log_file=log_file,
+            checkpoint=checkpoint,
+            losses=self.losses,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            peak_rss_bytes=max(self.overall_peak, peak_rss_bytes()),
+            train_peak_rss_bytes=self.train_peak,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            seconds=time.perf_counter() - self.started,
+            queries_per_second=self.queries / self.step_seconds if self.step_seconds else 0.0,
+            tokens_per_second=self.tokens / self.step_seconds if self.step_seconds else 0.0,
+        )
+
+
+def _show(metrics: dict[str, Any], log: _JsonlLog | None, bar) -> None:
+    """One step's metrics into the log (rank 0) and the progress bar."""
     if log is not None:
-        log.write({"summary": _summary_dict(result)})
-    return result
+        log.write(metrics)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            q_s=f"{metrics['queries_per_s']:.1f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            peak_mb=f"{metrics['peak_rss_mb']:.0f}",
+        )
 
 
 # ---------------------------------------------------------------------- loop helpers
