@@ -164,8 +164,7 @@ class _PairsToDict(argparse.Action):
 
 
 _CONFIG_FIELD = re.compile(
-    r"\b(?P<cls>TrainConfig|DataConfig|MemoryConfig|LossConfig)\.(?P<key>\w+)"
-    r"(?P<rest> must be (?:an integer |a number )?(?P<op>>=|<=|>|<)? ?)?"
+    r"\b(?P<cls>\w+Config)\.(?P<key>\w+)(?P<rest> must be (?:an integer |a number )?(?P<op>>=|<=|>|<)? ?)?"
 )
 
 
@@ -175,19 +174,16 @@ def _in_flag_terms(message: str, given: dict[str, dict], config_file: str | None
     Settings that came from a config file are named as its section.key, with the file."""
     from m3embed.train import SECTIONS
 
-    section_of = {kind.__name__: name for name, kind in SECTIONS.items()}
-    flag_of = {
-        (section, f.name): settings.flags(f)[0]
-        for section, kind in SECTIONS.items()
-        for f in dataclasses.fields(kind)
-    }
+    section_of = {kind.__name__: (name, kind) for name, kind in SECTIONS.items()}
 
     def reword(m: re.Match) -> str:
-        section, key = section_of[m["cls"]], m["key"]
-        flag = flag_of.get((section, key))
-        if flag is None or key not in given.get(section, {}):
+        if m["cls"] not in section_of:
+            return m[0]
+        (section, kind), key = section_of[m["cls"]], m["key"]
+        if key not in given.get(section, {}):  # from the config file (or a default)
             where = f" (in {config_file})" if config_file else ""
             return f"{section}.{key}{where}{m['rest'] or ''}"
+        flag = settings.flags(settings.field_of(kind, key))[0]
         if not m["rest"]:
             return flag
         op = {">=": "≥ ", "<=": "≤ ", ">": "> ", "<": "< "}.get(m["op"] or "", "")

@@ -78,6 +78,11 @@ def flags(f: dataclasses.Field) -> tuple[str, ...]:
     return (given,) if isinstance(given, str) else tuple(given)
 
 
+def field_of(cls: type, name: str) -> dataclasses.Field:
+    """The field ``name`` of the config class ``cls``."""
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
 @functools.cache
 def type_hints(cls: type) -> dict[str, Any]:
     """The resolved field types of a config class (annotations are strings under PEP 563)."""
