@@ -375,7 +375,7 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
     first_step = run.step
     eval_before = run.log.eval_at(0) if run.log is not None else None  # kept from before an interruption
     if tc.eval_data and tc.eval_at_start and run.resume_from is None:
-        eval_before = run.evaluate()
+        eval_before = _evaluate(run)
     meter.start_training(run.device)
     last_ckpt, eval_after = None, None
     bar = _progress(tc, info, run.total_steps, run.step)
@@ -394,10 +394,10 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
                 metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
                 _show(metrics, run.log, bar)
                 if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
-                    eval_after = run.evaluate()
+                    eval_after = _evaluate(run)
                     meter.after_evaluation()
                 if done or (tc.save_steps and run.step % tc.save_steps == 0):
-                    last_ckpt = run.save()
+                    last_ckpt = _save(run)
                 if on_step is not None:
                     on_step(run.step, metrics)
                 if done:
@@ -469,21 +469,6 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return parts, grad_norm, lr
-
-    def evaluate(self) -> dict[str, float] | None:
-        return _evaluate(self.model, self.config.train, self.info, self.step, self.log)
-
-    def save(self) -> Path | None:
-        return _save(
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.sampler,
-            self.config,
-            self.info,
-            self.step,
-            self.config.train,
-        )
 
 
 def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
@@ -698,10 +683,9 @@ def _progress(tc: TrainConfig, info: distributed.DistInfo, total: int, initial: 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _save(
-    model, optimizer, scheduler, sampler, config: RunConfig, info, step: int, tc: TrainConfig
-) -> Path | None:
+def _save(run: _Run) -> Path | None:
     """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait for it."""
+    info, tc = run.info, run.config.train
     rng = ckpt.rng_state()
     if info.enabled:
         states: list[Any] = [None] * info.world_size
@@ -713,13 +697,13 @@ def _save(
         with no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
             path = ckpt.save_checkpoint(
                 tc.output_dir,
-                step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                trainer_state={"world_size": info.world_size, "sampler": sampler.state_dict()},
+                run.step,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                trainer_state={"world_size": info.world_size, "sampler": run.sampler.state_dict()},
                 rng_states=states,
-                configs=config.to_dict(),
+                configs=run.config.to_dict(),
                 keep_last=tc.save_total_limit,
             )
     if info.enabled:
@@ -739,10 +723,9 @@ def _logging_beside(bar):
         yield
 
 
-def _evaluate(
-    model: M3Model, tc: TrainConfig, info: distributed.DistInfo, step: int, log: _JsonlLog | None
-) -> dict[str, float] | None:
+def _evaluate(run: _Run) -> dict[str, float] | None:
     """nDCG@10 per output on ``eval_data`` (rank 0; the others wait). The training RNG is untouched."""
+    model, tc, info, step, log = run.model, run.config.train, run.info, run.step, run.log
     scores = None
     if info.is_main:
         from m3embed.evaluate import evaluate_beir
