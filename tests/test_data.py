@@ -229,7 +229,7 @@ def test_config_normalises_and_round_trips():
     assert list(cfg.length_buckets.items()) == [(0, 16), (128, 8), (256, 4)]
     saved = json.loads(json.dumps(cfg.to_dict()))  # JSON turns int keys into strings
     assert DataConfig.from_dict(saved) == cfg
-    with pytest.raises(ValueError, match="unknown keys \\['batchsize'\\]"):
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['batchsize'\\]"):
         DataConfig.from_dict({**saved, "batchsize": 3})
 
 

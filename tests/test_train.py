@@ -1,5 +1,7 @@
 """The training loop, checkpoints, resume and ``m3embed train`` (tiny models, tiny data, fast)."""
 
+import argparse
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -9,10 +11,11 @@ import torch
 import yaml
 
 from m3embed import checkpoint as ckpt
-from m3embed.cli import main
+from m3embed import settings
+from m3embed.cli import build_parser, main
 from m3embed.model import M3Model
 from m3embed.testing import sample_texts, tiny_model
-from m3embed.train import LOG_FILE, RunConfig, TrainConfig, demo_config, read_log, train
+from m3embed.train import LOG_FILE, SECTIONS, RunConfig, TrainConfig, demo_config, read_log, train
 from test_data import BAD_LINES, BAD_PATH_IDS, BAD_PATHS, ex, write  # the data layer's cases, end to end
 
 N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
@@ -246,10 +249,37 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    from m3embed.cli import _TRAIN_OPTIONS
+    for section, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            assert settings.flags(f)[0] in text and f"[{section}.{f.name}" in text and f.metadata["help"]
 
-    for flags, section, key, kwargs in _TRAIN_OPTIONS:
-        assert flags[0] in text and f"[{section}.{key}" in text and kwargs["help"]
+
+def test_every_config_field_has_a_flag_and_every_flag_a_field():
+    """Adding a config key is a one-place edit: the field is the flag (and its help, choices, default)."""
+    parser = build_parser()
+    train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flag_dests = {a.dest for a in train._actions if a.option_strings} - {"help", "config", "print_config"}
+    field_dests = {
+        f"{section}.{f.name}" for section, kind in SECTIONS.items() for f in dataclasses.fields(kind)
+    }
+    assert flag_dests == field_dests, (sorted(field_dests - flag_dests), sorted(flag_dests - field_dests))
+    for section, kind in SECTIONS.items():
+        for f in dataclasses.fields(kind):
+            assert f.metadata.get("help"), (
+                f"{section}.{f.name} has no help: declare it with settings.setting()"
+            )
+
+
+def test_flags_reach_every_kind_of_field(capsys, data_file):
+    argv = ["train", "--train-data", data_file, "--print-config", "--length-buckets", "0=8", "128=4"]
+    argv += ["--sub-batch-size", "auto", "--max-steps", "none", "--pooling", "cls", "--no-drop-last"]
+    argv += ["--ensemble-sparse-weight", "0.5", "--resume", "--output-dir", "x"]
+    assert main(argv) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["length_buckets"] == {0: 8, 128: 4} and resolved["data"]["drop_last"] is False
+    assert resolved["memory"]["sub_batch_size"] == "auto" and resolved["train"]["max_steps"] is None
+    assert resolved["train"]["pooling"] == "cls" and resolved["loss"]["ensemble_sparse_weight"] == 0.5
+    assert resolved["train"]["resume"] == "latest"
 
 
 # ---------------------------------------------------------------------- bad input through the CLI

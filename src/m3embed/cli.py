@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import re
 import sys
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from m3embed import settings
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -28,15 +35,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="print the resolved config (YAML) and exit without training",
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for flags, section, key, kwargs in _TRAIN_OPTIONS:
-        if section not in groups:
-            groups[section] = p.add_argument_group(_TRAIN_SECTIONS[section])
-        kwargs = dict(kwargs)
-        if "metavar" not in kwargs and "choices" not in kwargs and "action" not in kwargs:
-            kwargs["metavar"] = key.upper()
-        kwargs["help"] = f"{kwargs['help']} [{section}.{key}, default: {_train_default(section, key)}]"
-        groups[section].add_argument(*flags, dest=f"{section}.{key}", default=argparse.SUPPRESS, **kwargs)
+    _add_setting_flags(p)
     p.set_defaults(func=_user_errors(_run_train))
 
 
@@ -77,8 +76,8 @@ _TRAIN_SECTIONS = {
     "train": "model, optimiser, run length, checkpoints, evaluation (section 'train')",
     "data": "training data (section 'data')",
     "memory": "memory strategy of the step (section 'memory')",
-    "loss": "objective (section 'loss'; defaults are FlagEmbedding's BGE-M3 values; every other weight of the "
-    "objective, e.g. ensemble_sparse_weight or distill_normalizer, is a key of this section in --config)",
+    "loss": "objective (section 'loss'; defaults are FlagEmbedding's BGE-M3 values; the formulas are in "
+    "docs/design.md)",
 }
 
 
@@ -88,349 +87,84 @@ def _eval_defaults() -> str:
     return EVAL_DEFAULTS.describe()
 
 
-def _sub_batch_size(text: str):
-    if text in ("auto", "none", "None"):
-        return None if text != "auto" else "auto"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, 'auto' or 'none', got {text!r}") from None
-
-
-def _optional_str(text: str):
-    return None if text in ("none", "None", "null") else text
-
-
-def _optional_int(text: str):
-    return None if text in ("none", "None", "null") else int(text)
-
-
-_BOOL = {"action": argparse.BooleanOptionalAction}
-_TRAIN_OPTIONS: list[tuple[tuple[str, ...], str, str, dict]] = [
-    (
-        ("--model",),
-        "train",
-        "model_name_or_path",
-        {
-            "metavar": "PATH",
-            "help": "model folder (BGE-M3 layout or any HF encoder) or Hub name; unset = the packaged all-MiniLM-L6-v2",
-        },
-    ),
-    (
-        ("--pooling",),
-        "train",
-        "pooling",
-        {
-            "choices": ("cls", "mean"),
-            "help": "dense pooling; unset = the model's m3embed_config.json, else mean for the packaged MiniLM, else cls",
-        },
-    ),
-    (
-        ("--output-dir",),
-        "train",
-        "output_dir",
-        {"metavar": "DIR", "help": "where checkpoints and train_log.jsonl go"},
-    ),
-    (
-        ("--learning-rate", "--lr"),
-        "train",
-        "learning_rate",
-        {"type": float, "metavar": "LR", "help": "peak AdamW learning rate"},
-    ),
-    (
-        ("--weight-decay",),
-        "train",
-        "weight_decay",
-        {"type": float, "help": "AdamW weight decay (not on biases/LayerNorm)"},
-    ),
-    (
-        ("--warmup-ratio",),
-        "train",
-        "warmup_ratio",
-        {"type": float, "help": "linear warm-up over this fraction of the steps, then linear decay to 0"},
-    ),
-    (
-        ("--warmup-steps",),
-        "train",
-        "warmup_steps",
-        {"type": int, "help": "warm-up in steps (overrides --warmup-ratio)"},
-    ),
-    (
-        ("--epochs",),
-        "train",
-        "epochs",
-        {"type": int, "help": "passes over the data (ignored with --max-steps)"},
-    ),
-    (
-        ("--max-steps",),
-        "train",
-        "max_steps",
-        {"type": _optional_int, "metavar": "N", "help": "total optimiser steps; the schedule reaches 0 here"},
-    ),
-    (
-        ("--max-grad-norm",),
-        "train",
-        "max_grad_norm",
-        {"type": float, "help": "clip the gradient's global L2 norm to this (0 = no clipping)"},
-    ),
-    (("--bf16",), "train", "bf16", {**_BOOL, "help": "bfloat16 autocast for the encoder (loss in fp32)"}),
-    (("--seed",), "train", "seed", {"type": int, "help": "torch seed: head initialisation, dropout"}),
-    (
-        ("--query-max-length",),
-        "train",
-        "query_max_length",
-        {"type": int, "metavar": "TOKENS", "help": "query truncation"},
-    ),
-    (
-        ("--passage-max-length",),
-        "train",
-        "passage_max_length",
-        {"type": int, "metavar": "TOKENS", "help": "passage truncation"},
-    ),
-    (
-        ("--freeze-encoder",),
-        "train",
-        "freeze_encoder",
-        {**_BOOL, "help": "train only the sparse and ColBERT heads"},
-    ),
-    (
-        ("--save-steps",),
-        "train",
-        "save_steps",
-        {"type": int, "metavar": "N", "help": "checkpoint every N steps (0 = only at the end)"},
-    ),
-    (
-        ("--save-total-limit",),
-        "train",
-        "save_total_limit",
-        {"type": _optional_int, "metavar": "K", "help": "keep the newest K checkpoints ('none' = all)"},
-    ),
-    (
-        ("--resume",),
-        "train",
-        "resume",
-        {
-            "nargs": "?",
-            "const": "latest",
-            "metavar": "CHECKPOINT",
-            "help": "continue a run: 'latest' (the default when the flag has no value: newest checkpoint in --output-dir) or a checkpoint folder; same number of processes",
-        },
-    ),
-    (
-        ("--overwrite",),
-        "train",
-        "overwrite",
-        {
-            **_BOOL,
-            "help": "start over in an --output-dir that holds another run: its log and checkpoints are deleted "
-            "once config, data and model are checked (without this or --resume such a start is refused)",
-        },
-    ),
-    (
-        ("--eval",),
-        "train",
-        "eval_data",
-        {
-            "type": _optional_str,
-            "metavar": "BEIR_FOLDER",
-            "help": "('none' = no evaluation) report nDCG@10 per output (dense, sparse, colbert, sparse+dense, colbert+sparse+dense) on this BEIR folder before, during and after training",
-        },
-    ),
-    (
-        ("--eval-steps",),
-        "train",
-        "eval_steps",
-        {"type": int, "metavar": "N", "help": "evaluate every N steps (0 = only before and after)"},
-    ),
-    (
-        ("--eval-at-start",),
-        "train",
-        "eval_at_start",
-        {**_BOOL, "help": "evaluate before the first step (not when resuming)"},
-    ),
-    (("--eval-split",), "train", "eval_split", {"help": "qrels split of --eval"}),
-    (
-        ("--eval-max-docs",),
-        "train",
-        "eval_max_docs",
-        {
-            "type": _optional_int,
-            "metavar": "N",
-            "help": "corpus subsample for --eval: relevant docs + seeded random others, N in all",
-        },
-    ),
-    (
-        ("--eval-batch-size",),
-        "train",
-        "eval_batch_size",
-        {"type": int, "help": "texts per encode batch during evaluation (shared with `m3embed eval`)"},
-    ),
-    (
-        ("--eval-query-max-length",),
-        "train",
-        "eval_query_max_length",
-        {
-            "type": _optional_int,
-            "metavar": "TOKENS",
-            "help": "query truncation for --eval (shared with `m3embed eval`, not the training length)",
-        },
-    ),
-    (
-        ("--eval-passage-max-length",),
-        "train",
-        "eval_passage_max_length",
-        {
-            "type": _optional_int,
-            "metavar": "TOKENS",
-            "help": "passage truncation for --eval (shared with `m3embed eval`, not the training length)",
-        },
-    ),
-    (
-        ("--device",),
-        "train",
-        "device",
-        {"help": "torch device (cpu, cuda, cuda:1); unset = the local rank's GPU when available, else cpu"},
-    ),
-    (
-        ("--dist-timeout-s",),
-        "train",
-        "dist_timeout_s",
-        {
-            "type": float,
-            "metavar": "SECONDS",
-            "help": "longest a process waits for the others under torchrun (rank 0 evaluates and saves while the others wait)",
-        },
-    ),
-    (
-        ("--threads",),
-        "train",
-        "threads",
-        {
-            "type": _optional_int,
-            "metavar": "N",
-            "help": "torch CPU threads (fewer than cores helps when the machine is shared)",
-        },
-    ),
-    (("--progress-bar",), "train", "progress_bar", {**_BOOL, "help": "tqdm progress bar on rank 0"}),
-    (
-        ("--train-data",),
-        "data",
-        "train_data",
-        {
-            "nargs": "+",
-            "metavar": "PATH",
-            "help": "training .jsonl/.jsonl.gz file(s) or folder(s) of them, FlagEmbedding format; each file is one dataset",
-        },
-    ),
-    (
-        ("--group-size",),
-        "data",
-        "train_group_size",
-        {"type": int, "metavar": "G", "help": "passages per query: 1 positive + G-1 negatives"},
-    ),
-    (
-        ("--batch-size",),
-        "data",
-        "batch_size",
-        {"type": int, "metavar": "B", "help": "queries per step per process (global batch = B x processes)"},
-    ),
-    (
-        ("--query-instruction",),
-        "data",
-        "query_instruction",
-        {"metavar": "TEXT", "help": "prefix for queries whose line has no 'prompt'"},
-    ),
-    (
-        ("--skip-bad-lines",),
-        "data",
-        "skip_bad_lines",
-        {**_BOOL, "help": "skip and count malformed lines instead of stopping with the line number"},
-    ),
-    (("--data-seed",), "data", "seed", {"type": int, "help": "seed of batch shuffling and group sampling"}),
-    (
-        ("--strategy",),
-        "memory",
-        "strategy",
-        {
-            "choices": ("none", "checkpoint", "cache"),
-            "help": "none: plain autograd; checkpoint: FlagEmbedding's (gradient checkpointing + sub-batches); cache: gradient caching, memory flat in the batch size",
-        },
-    ),
-    (
-        ("--sub-batch-size",),
-        "memory",
-        "sub_batch_size",
-        {
-            "type": _sub_batch_size,
-            "metavar": "N|auto|none",
-            "help": "texts encoded at once; auto = largest fitting the memory budget; none = whole batch",
-        },
-    ),
-    (
-        ("--sub-batch-tokens",),
-        "memory",
-        "sub_batch_tokens",
-        {"type": _optional_int, "metavar": "TOKENS", "help": "most padded tokens per sub-batch"},
-    ),
-    (
-        ("--memory-budget",),
-        "memory",
-        "memory_budget",
-        {
-            "type": _optional_int,
-            "metavar": "BYTES",
-            "help": "activation budget of one sub-batch for --sub-batch-size auto",
-        },
-    ),
-    (("--temperature",), "loss", "temperature", {"type": float, "help": "scores are divided by this"}),
-    (
-        ("--heads",),
-        "loss",
-        "heads",
-        {
-            "choices": ("all", "dense"),
-            "help": "all: dense + sparse + ColBERT (BGE-M3); dense: dense-only InfoNCE, no sparse/ColBERT heads",
-        },
-    ),
-    (
-        ("--self-distill",),
-        "loss",
-        "self_distill",
-        {**_BOOL, "help": "self-knowledge distillation from the ensemble score"},
-    ),
-    (
-        ("--self-distill-start-step",),
-        "loss",
-        "self_distill_start_step",
-        {"type": int, "metavar": "STEP", "help": "distillation applies after this step"},
-    ),
-    (
-        ("--kd-loss-type",),
-        "loss",
-        "kd_loss_type",
-        {
-            "choices": ("kl_div", "m3_kd_loss"),
-            "help": "loss for teacher scores (pos_scores/neg_scores in the data)",
-        },
-    ),
-]
-
-
-def _train_default(section: str, key: str):
-    from dataclasses import MISSING, fields
-
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, in one group per section: the flags are the configs' fields."""
     from m3embed.train import SECTIONS
 
-    for f in fields(SECTIONS[section]):
-        if f.name == key:
-            value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-            return "unset" if value is None or value == () else value
-    return "?"
+    for section, kind in SECTIONS.items():
+        group = p.add_argument_group(_TRAIN_SECTIONS[section])
+        hints = settings.type_hints(kind)
+        for f in dataclasses.fields(kind):
+            kwargs = _flag_kwargs(f, hints[f.name])
+            default = "unset" if f.default is None or f.default == () else f.default
+            kwargs["help"] = f"{f.metadata['help']} [{section}.{f.name}, default: {default}]"
+            group.add_argument(
+                *settings.flags(f), dest=f"{section}.{f.name}", default=argparse.SUPPRESS, **kwargs
+            )
+
+
+def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    """argparse's arguments for a field of type ``hint``: a bool is --x/--no-x, a Literal gives the
+    choices, a sequence or mapping takes several values, anything else is parsed by its type."""
+    kinds = settings.members(hint)
+    if bool in kinds:
+        return {"action": argparse.BooleanOptionalAction}
+    choices = settings.literal_values(hint)
+    if all(typing.get_origin(k) is Literal or k is type(None) for k in kinds):
+        return {"choices": choices}
+    kwargs: dict[str, Any] = {"metavar": f.metadata["metavar"] or f.name.upper()}
+    origins = {typing.get_origin(k) for k in kinds}
+    if tuple in origins:
+        kwargs.update(nargs="+")
+    elif Mapping in origins:
+        kwargs.update(nargs="+", type=_pair, action=_PairsToDict)
+    else:
+        kwargs["type"] = _value_parser(kinds, settings.expectation(hint, f.metadata))
+    if f.metadata["const"] is not None:
+        kwargs.update(nargs="?", const=f.metadata["const"])
+    return kwargs
+
+
+_NONE = ("none", "None", "null")
+
+
+def _value_parser(kinds: list[Any], expected: str):
+    """Text -> value for a field whose type has the alternatives ``kinds`` (e.g. int, 'auto', None)."""
+    literals = [typing.get_args(k)[0] for k in kinds if typing.get_origin(k) is Literal]
+
+    def parse(text: str) -> Any:
+        if type(None) in kinds and text in _NONE:
+            return None
+        if text in literals:
+            return text
+        for kind in (int, float):
+            if kind in kinds:
+                with contextlib.suppress(ValueError):
+                    return kind(text)
+        if str in kinds:
+            return text
+        raise argparse.ArgumentTypeError(f"expected {expected.replace('null', repr('none'))}, got {text!r}")
+
+    return parse
+
+
+def _pair(text: str) -> tuple[int, int]:
+    key, sep, value = text.partition("=")
+    try:
+        return int(key), int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN_TOKENS=BATCH_SIZE, e.g. 128=32, got {text!r}"
+        ) from None
+
+
+class _PairsToDict(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, dict(values))
 
 
 _CONFIG_FIELD = re.compile(
-    r"\b(?P<cls>TrainConfig|DataConfig|MemoryConfig|LossConfig)\.(?P<key>\w+)"
-    r"(?P<rest> must be (?:an integer |a number )?(?P<op>>=|<=|>|<)? ?)?"
+    r"\b(?P<cls>\w+Config)\.(?P<key>\w+)(?P<rest> must be (?:an integer |a number )?(?P<op>>=|<=|>|<)? ?)?"
 )
 
 
@@ -440,15 +174,16 @@ def _in_flag_terms(message: str, given: dict[str, dict], config_file: str | None
     Settings that came from a config file are named as its section.key, with the file."""
     from m3embed.train import SECTIONS
 
-    section_of = {kind.__name__: name for name, kind in SECTIONS.items()}
-    flag_of = {(section, key): flags[0] for flags, section, key, _ in _TRAIN_OPTIONS}
+    section_of = {kind.__name__: (name, kind) for name, kind in SECTIONS.items()}
 
     def reword(m: re.Match) -> str:
-        section, key = section_of[m["cls"]], m["key"]
-        flag = flag_of.get((section, key))
-        if flag is None or key not in given.get(section, {}):
+        if m["cls"] not in section_of:
+            return m[0]
+        (section, kind), key = section_of[m["cls"]], m["key"]
+        if key not in given.get(section, {}):  # from the config file (or a default)
             where = f" (in {config_file})" if config_file else ""
             return f"{section}.{key}{where}{m['rest'] or ''}"
+        flag = settings.flags(settings.field_of(kind, key))[0]
         if not m["rest"]:
             return flag
         op = {">=": "≥ ", "<=": "≤ ", ">": "> ", "<": "< "}.get(m["op"] or "", "")

@@ -16,50 +16,61 @@ import torch.nn.functional as F
 
 from m3embed import scores as S
 from m3embed.reps import M3Reps
+from m3embed.settings import AT_LEAST_1, POSITIVE, check_fields, setting
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Weights and switches of the objective; defaults are FlagEmbedding's BGE-M3 values."""
 
-    temperature: float = 0.02  # scores are divided by this before softmax
-    heads: Literal["all", "dense"] = "all"  # "dense": a dense-only InfoNCE objective
+    temperature: float = setting(0.02, "scores are divided by this before softmax", bounds=POSITIVE)
+    heads: Literal["all", "dense"] = setting(
+        "all", "all: dense + sparse + ColBERT (BGE-M3); dense: dense-only InfoNCE, no sparse/ColBERT heads"
+    )
     # Ensemble score S_e = w_d·S_d + w_s·S_s + w_c·S_c (FlagEmbedding's ensemble_score).
-    ensemble_dense_weight: float = 1.0
-    ensemble_sparse_weight: float = 0.3
-    ensemble_colbert_weight: float = 1.0
+    ensemble_dense_weight: float = setting(1.0, "w_d of the ensemble score", metavar="W")
+    ensemble_sparse_weight: float = setting(0.3, "w_s of the ensemble score", metavar="W")
+    ensemble_colbert_weight: float = setting(1.0, "w_c of the ensemble score", metavar="W")
     # L = (w_d·CE(S_d) + w_e·CE(S_e) + w_s·CE(S_s) + w_c·CE(S_c)) / contrastive_normalizer
-    dense_loss_weight: float = 1.0
-    ensemble_loss_weight: float = 1.0
-    sparse_loss_weight: float = 0.1
-    colbert_loss_weight: float = 1.0
-    contrastive_normalizer: float = 4.0
+    dense_loss_weight: float = setting(1.0, "weight of the dense InfoNCE loss", metavar="W")
+    ensemble_loss_weight: float = setting(1.0, "weight of the ensemble InfoNCE loss", metavar="W")
+    sparse_loss_weight: float = setting(0.1, "weight of the sparse InfoNCE loss", metavar="W")
+    colbert_loss_weight: float = setting(1.0, "weight of the ColBERT InfoNCE loss", metavar="W")
+    contrastive_normalizer: float = setting(
+        4.0, "the weighted InfoNCE losses are divided by this", metavar="X", bounds=POSITIVE
+    )
     # Self-knowledge distillation with the detached ensemble as teacher:
     # L = (L + (w_d·SCE(T,S_d) + w_s·SCE(T,S_s) + w_c·SCE(T,S_c)) / distill_normalizer) / final_normalizer
-    self_distill: bool = True
-    self_distill_start_step: int = -1  # distillation applies when step > start step (FlagEmbedding's rule)
-    distill_dense_weight: float = 1.0
-    distill_sparse_weight: float = 0.1
-    distill_colbert_weight: float = 1.0
-    distill_normalizer: float = 3.0
-    final_normalizer: float = 2.0
-    # Teacher scores (pos_scores/neg_scores in the data): FlagEmbedding's two variants.
-    kd_loss_type: Literal["kl_div", "m3_kd_loss"] = "m3_kd_loss"
-    # Passages per MaxSim / sparse block on the loss side (memory of one block, see m3embed.scores).
-    score_block_elements: int = S.DEFAULT_BLOCK_ELEMENTS
+    self_distill: bool = setting(True, "self-knowledge distillation from the ensemble score")
+    self_distill_start_step: int = setting(
+        -1, "distillation applies when step > this step (FlagEmbedding's rule)", metavar="STEP"
+    )
+    distill_dense_weight: float = setting(1.0, "weight of the dense output's distillation loss", metavar="W")
+    distill_sparse_weight: float = setting(
+        0.1, "weight of the sparse output's distillation loss", metavar="W"
+    )
+    distill_colbert_weight: float = setting(
+        1.0, "weight of the ColBERT output's distillation loss", metavar="W"
+    )
+    distill_normalizer: float = setting(
+        3.0, "the weighted distillation losses are divided by this", metavar="X", bounds=POSITIVE
+    )
+    final_normalizer: float = setting(
+        2.0, "InfoNCE + distillation is divided by this", metavar="X", bounds=POSITIVE
+    )
+    kd_loss_type: Literal["kl_div", "m3_kd_loss"] = setting(
+        "m3_kd_loss",
+        "loss for teacher scores (pos_scores/neg_scores in the data): FlagEmbedding's two variants",
+    )
+    score_block_elements: int = setting(
+        S.DEFAULT_BLOCK_ELEMENTS,
+        "passages per MaxSim / sparse block on the loss side (memory of one block, see m3embed.scores)",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError(f"LossConfig.temperature must be > 0, got {self.temperature}")
-        if self.heads not in ("all", "dense"):
-            raise ValueError(f"LossConfig.heads must be 'all' or 'dense', got {self.heads!r}")
-        if self.kd_loss_type not in ("kl_div", "m3_kd_loss"):
-            raise ValueError(
-                f"LossConfig.kd_loss_type must be 'kl_div' or 'm3_kd_loss', got {self.kd_loss_type!r}"
-            )
-        for name in ("contrastive_normalizer", "distill_normalizer", "final_normalizer"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LossConfig.{name} must be > 0, got {getattr(self, name)}")
+        check_fields(self)
 
 
 @dataclass

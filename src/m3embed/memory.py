@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from m3embed.losses import BatchScores, LossOutput
 from m3embed.reps import M3Reps, inverse_permutation, merge, split_like
+from m3embed.settings import AT_LEAST_1, Bounds, check_fields, setting
 
 logger = logging.getLogger(__name__)
 
@@ -66,30 +67,39 @@ STRATEGIES = ("none", "checkpoint", "cache")
 class MemoryConfig:
     """How a batch is split and what is kept for backward."""
 
-    strategy: Strategy = "cache"
-    # Most texts per sub-batch; None = the whole batch at once; "auto" = the largest that fits
-    # ``memory_budget`` according to a short measured probe.
-    sub_batch_size: int | Literal["auto"] | None = 8
-    # Most padded tokens (texts × longest length) per sub-batch; None = no token budget.
-    sub_batch_tokens: int | None = None
-    # Bytes of activations one sub-batch may hold for "auto"; None = memory_fraction of free memory.
-    memory_budget: int | None = None
-    memory_fraction: float = 0.5
+    strategy: Strategy = setting(
+        "cache",
+        "none: plain autograd; checkpoint: FlagEmbedding's (gradient checkpointing + sub-batches); cache: "
+        "gradient caching, memory flat in the batch size",
+    )
+    sub_batch_size: int | Literal["auto"] | None = setting(
+        8,
+        "texts encoded at once; auto = largest fitting --memory-budget according to a short measured "
+        "probe; none = whole batch",
+        metavar="N|auto|none",
+        bounds=AT_LEAST_1,
+    )
+    sub_batch_tokens: int | None = setting(
+        None,
+        "most padded tokens (texts x longest length) per sub-batch; unset = no token budget",
+        metavar="TOKENS",
+        bounds=AT_LEAST_1,
+    )
+    memory_budget: int | None = setting(
+        None,
+        "activation budget of one sub-batch for --sub-batch-size auto; unset = --memory-fraction of free memory",
+        metavar="BYTES",
+        bounds=AT_LEAST_1,
+    )
+    memory_fraction: float = setting(
+        0.5,
+        "share of free memory that --sub-batch-size auto may plan for",
+        metavar="FRACTION",
+        bounds=Bounds(gt=0, le=1),
+    )
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"MemoryConfig.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        size = self.sub_batch_size
-        if not (size is None or size == "auto" or (isinstance(size, int) and size >= 1)):
-            raise ValueError(
-                f"MemoryConfig.sub_batch_size must be a positive int, 'auto' or None, got {size!r}"
-            )
-        if self.sub_batch_tokens is not None and self.sub_batch_tokens < 1:
-            raise ValueError(
-                f"MemoryConfig.sub_batch_tokens must be positive or None, got {self.sub_batch_tokens}"
-            )
-        if not 0 < self.memory_fraction <= 1:
-            raise ValueError(f"MemoryConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        check_fields(self)
 
 
 @dataclass

