@@ -25,7 +25,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -60,7 +60,7 @@ class Objective(Protocol):
 
 
 Strategy = Literal["none", "checkpoint", "cache"]
-STRATEGIES = ("none", "checkpoint", "cache")
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 @dataclass(frozen=True)

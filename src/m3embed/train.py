@@ -45,6 +45,7 @@ from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Model, no_library_progress_bars
+from m3embed.scores import MODES
 from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bounds, build, check_fields, setting
 from m3embed.step import train_step
 
@@ -133,8 +134,8 @@ class TrainConfig:
     )
     eval_data: str | None = setting(
         None,
-        "('none' = no evaluation) report nDCG@10 per output (dense, sparse, colbert, sparse+dense, "
-        "colbert+sparse+dense) on this BEIR folder before, during and after training",
+        f"('none' = no evaluation) report nDCG@10 per output ({', '.join(MODES)}) on this BEIR folder "
+        "before, during and after training",
         flag="--eval",
         metavar="BEIR_FOLDER",
         non_empty=True,
