@@ -241,67 +241,29 @@ def _index_file(
     pos_counts: array,
     lengths: array,
 ) -> _File:
-    """Stream one file: validate each line, record offsets, hashes and lengths of the valid ones."""
+    """Stream one file: validate each line, record offsets, hashes and lengths of the valid ones.
+
+    A gzip file is decompressed once into a temporary copy (of its valid lines), so examples can be
+    read back by byte offset.
+    """
     gz = path.name.endswith(".gz")
     copy: IO[bytes] | None = None
-    read_path = path
     if gz:
         copy = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, deleted by a finalizer)
             "wb", prefix="m3embed-", suffix=".jsonl", dir=config.tmp_dir, delete=False
         )
-        read_path = Path(copy.name)
+    read_path = Path(copy.name) if copy is not None else path
     offsets = array("q")
-    skipped = 0
-    reasons: list[str] = []
+    skips = _Skips(path)
     no_neg = 0
-    line_no = 0
     try:
-        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
-            position = 0  # byte offset of the current line in read_path
-            for line_no, raw in enumerate(_lines(f, path), start=1):  # noqa: B007 (line_no used after)
-                size = len(raw)
-                body = raw
-                if line_no == 1 and body.startswith(_BOM):
-                    body = body[len(_BOM) :]
-                    if not gz:
-                        position += len(_BOM)
-                        size -= len(_BOM)
-                if not body.strip():  # blank line
-                    position += 0 if gz else size
-                    continue
-                if line_no == 1 and body.lstrip().startswith(b"["):
-                    raise DataError(
-                        f"{path}, line 1: the file is a JSON array; m3embed reads JSON lines (one object a "
-                        "line). Convert it, e.g. `jq -c '.[]' in.json > out.jsonl`",
-                        path=str(path),
-                        line=1,
-                    )
-                example, problem = _parse(body)
-                if problem is not None:
-                    field, message = problem
-                    where = f"{path}, line {line_no}" + (f", field {field!r}" if field else "")
-                    if not config.skip_bad_lines:
-                        raise DataError(
-                            f"{where}: {message}. {_SKIP_HINT}", path=str(path), line=line_no, field=field
-                        )
-                    skipped += 1
-                    if len(reasons) < _MAX_REASONS_LOGGED:
-                        reasons.append(f"line {line_no}" + (f" ({field})" if field else "") + f": {message}")
-                    position += 0 if gz else size
-                    continue
-                assert example is not None
-                if copy is not None:
-                    offsets.append(position)
-                    copy.write(body if body.endswith(b"\n") else body + b"\n")
-                    position += len(body) + (0 if body.endswith(b"\n") else 1)
-                else:
-                    offsets.append(position)
-                    position += size
-                pos, neg = example["pos"], example.get("neg") or []
-                no_neg += not neg
-                pos_hashes.extend(text_hash(t) for t in pos)
-                pos_counts.append(len(pos))
-                lengths.append(max(estimate_tokens(t) for t in (*pos, *neg)))
+        for offset, example in _valid_lines(path, config, copy, skips):
+            offsets.append(offset)
+            pos, neg = example["pos"], example.get("neg") or []
+            no_neg += not neg
+            pos_hashes.extend(text_hash(t) for t in pos)
+            pos_counts.append(len(pos))
+            lengths.append(max(estimate_tokens(t) for t in (*pos, *neg)))
     except BaseException:
         if copy is not None:
             copy.close()
@@ -309,22 +271,91 @@ def _index_file(
         raise
     if copy is not None:
         copy.close()
-    if skipped:
-        logger.warning(
-            "%s: skipped %d bad line(s) of %d (skip_bad_lines=True); first: %s",
-            path,
-            skipped,
-            line_no,
-            "; ".join(reasons),
-        )
-    if not offsets:
+    skips.report()
+    _check_indexed(path, len(offsets), skips.count, no_neg, config)
+    return _File(name, path, read_path, np.frombuffer(offsets, dtype=np.int64), start, skips.count)
+
+
+class _Skips:
+    """Bad lines skipped under ``skip_bad_lines``: how many, and the first few reasons for the log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.count, self.lines, self.reasons = path, 0, 0, []
+
+    def add(self, line_no: int, field: str | None, message: str) -> None:
+        self.count += 1
+        if len(self.reasons) < _MAX_REASONS_LOGGED:
+            self.reasons.append(f"line {line_no}" + (f" ({field})" if field else "") + f": {message}")
+
+    def report(self) -> None:
+        if self.count:
+            logger.warning(
+                "%s: skipped %d bad line(s) of %d (skip_bad_lines=True); first: %s",
+                self.path,
+                self.count,
+                self.lines,
+                "; ".join(self.reasons),
+            )
+
+
+def _valid_lines(
+    path: Path, config: DataConfig, copy: IO[bytes] | None, skips: _Skips
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(byte offset in the file read back later, example) of each valid line; a bad line raises a
+    DataError naming file, line and field, or is counted in ``skips`` under ``skip_bad_lines``.
+
+    Without ``copy`` the offsets are the file's own; with it (gzip) each valid line is written to the
+    copy and the offset is the copy's.
+    """
+    position = 0  # byte offset of the current line in the file read back
+    with gzip.open(path, "rb") if copy is not None else open(path, "rb") as f:
+        for line_no, raw in enumerate(_lines(f, path), start=1):
+            skips.lines = line_no
+            body, size = raw, len(raw)
+            if line_no == 1 and body.startswith(_BOM):
+                body = body[len(_BOM) :]
+                if copy is None:
+                    position += len(_BOM)
+                    size -= len(_BOM)
+            if line_no == 1 and body.lstrip().startswith(b"["):
+                raise DataError(
+                    f"{path}, line 1: the file is a JSON array; m3embed reads JSON lines (one object a "
+                    "line). Convert it, e.g. `jq -c '.[]' in.json > out.jsonl`",
+                    path=str(path),
+                    line=1,
+                )
+            example, problem = _parse(body) if body.strip() else (None, None)
+            if problem is not None:
+                field, message = problem
+                if not config.skip_bad_lines:
+                    where = f"{path}, line {line_no}" + (f", field {field!r}" if field else "")
+                    raise DataError(
+                        f"{where}: {message}. {_SKIP_HINT}", path=str(path), line=line_no, field=field
+                    )
+                skips.add(line_no, field, message)
+            if example is None:  # a blank or a skipped line
+                position += 0 if copy is not None else size
+                continue
+            if copy is not None:
+                line = body if body.endswith(b"\n") else body + b"\n"
+                copy.write(line)
+                yield position, example
+                position += len(line)
+            else:
+                yield position, example
+                position += size
+
+
+def _check_indexed(path: Path, valid: int, skipped: int, no_neg: int, config: DataConfig) -> None:
+    """A file must leave at least one example, and lines without negatives need others to draw from."""
+    if not valid:
         raise DataError(
             f"{path} has no valid training lines"
             + (f" ({skipped} bad lines skipped)" if skipped else "")
             + '; each line must be a JSON object like {"query": "...", "pos": ["..."], "neg": ["..."]}',
             path=str(path),
         )
-    if no_neg and len(offsets) < 2 and config.train_group_size > 1:
+    if no_neg and valid < 2 and config.train_group_size > 1:
         raise DataError(
             f"{path}: a line has no 'neg' passages and the file has no other example whose positives could "
             f"serve as negatives (train_group_size={config.train_group_size}); add negatives to the line, "
@@ -334,7 +365,6 @@ def _index_file(
         )
     if no_neg:
         logger.info("%s: %d line(s) without 'neg' draw negatives from other lines' positives", path, no_neg)
-    return _File(name, path, read_path, np.frombuffer(offsets, dtype=np.int64), start, skipped)
 
 
 def _lines(f: IO[bytes], path: Path) -> Iterator[bytes]:
