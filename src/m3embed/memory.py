@@ -21,8 +21,11 @@ The memory trick knows nothing about the objective beyond :class:`Objective`: a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, get_args
@@ -237,6 +240,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
             sub = passages.select(rows)
             p_states.append(RandContext(sub.input_ids.device))
             columns.append(objective.scores(q_leaf, encode(*_args(sub))))
+            release_freed_memory(sub.input_ids.device)
     scores = BatchScores.cat(columns).map(
         lambda t: t[:, inverse_permutation(p_plan, t.device)]
     )  # batch order
@@ -256,6 +260,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
             block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
             _backward_dot(block.tensors(), score_grads.map(lambda g, r=rows: g[:, r.to(g.device)]).tensors())
         del block
+        release_freed_memory(passages.input_ids.device)
 
     # Step (5): the queries' gradients (summed over ranks by ``share``'s backward), then re-encode each
     # query sub-batch with its RNG state and backprop Σ rep·cached_grad.
@@ -266,6 +271,8 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
         with state:
             rep = encode(*_args(queries.select(rows)))
             _backward_dot(rep.float_tensors(), grad)
+        del rep
+        release_freed_memory(queries.input_ids.device)
     return LossOutput(out.loss.detach(), out.parts)
 
 
@@ -276,6 +283,7 @@ def _encode_without_grad(encode, batch: TokenBatch, plan) -> tuple[list[RandCont
             sub = batch.select(rows)
             states.append(RandContext(sub.input_ids.device))
             reps.append(encode(*_args(sub)))
+            release_freed_memory(sub.input_ids.device)
     return states, reps
 
 
@@ -284,6 +292,28 @@ def _backward_dot(tensors: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
     pairs = [(t, grads[name]) for name, t in tensors.items() if t.requires_grad]
     if pairs:
         torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Give the heap pages that freed tensors leave behind back to the OS (CPU with glibc only).
+
+    glibc keeps freed chunks of an encoder pass's many large, differently sized buffers in its heap,
+    so without this the resident memory of a CPU step grows with the number of sub-batches processed
+    although no tensor outlives its sub-batch (measured: +120 MB of RSS over 16 no-grad passage
+    sub-batches of 8 × 512 tokens with all-MiniLM-L6-v2, flat with ``malloc_trim``). A no-op on
+    CUDA, whose caching allocator reuses its blocks, and where glibc is absent.
+    """
+    if device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim():
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    return None
+
+
+_MALLOC_TRIM = _find_malloc_trim() if sys.platform.startswith("linux") else None
 
 
 def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
