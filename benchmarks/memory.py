@@ -1038,6 +1038,7 @@ def plot(rows: list[dict], workload: str, path: Path) -> bool:
             row = next((r for r in ok if r["method"] == method and r["batch"] == batch), None)
             if row is not None and row.get("run") == runs.get(batch):
                 ax_time.bar(i + (k - (len(methods) - 1) / 2) * width, row["step_s"], width, color=f"C{k}")
+    ax_mem.set_ylim(bottom=0)
     ax_mem.set_xscale("log", base=2)
     ax_mem.set_xticks(batches, [str(b) for b in batches])
     ax_mem.set_xlabel("batch size (queries)")
