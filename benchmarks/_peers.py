@@ -37,7 +37,7 @@ def available(peer: str) -> str | None:
 
 def flagembedding_m3_finetune() -> types.ModuleType:
     """FlagEmbedding's ``finetune.embedder.encoder_only.m3`` module, imported without running the
-    package ``__init__`` (it imports LLM rerankers that fail under transformers 5, DESIGN.md §2)."""
+    package ``__init__`` (it imports LLM rerankers that fail under transformers 5)."""
     from m3embed.peers import load_flagembedding_m3_finetune
 
     return load_flagembedding_m3_finetune()

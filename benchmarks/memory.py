@@ -17,7 +17,7 @@ checkpointing + sub-batches, and sentence-transformers' ``CachedMultipleNegative
 only), the peers when the optional ``peers`` extra is installed.
 
 Workloads (``WORKLOADS``: a model factory, a text source, lengths and the points of each method):
-``default`` (DESIGN.md section 4: all-MiniLM-L6-v2, query 32 / passage 128 tokens, group 2, three
+``default`` (the reference workload: all-MiniLM-L6-v2, query 32 / passage 128 tokens, group 2, three
 heads, fp32), ``long`` (passage 512 tokens, group 8), ``bge-m3-width`` (a 2-layer random
 XLM-RoBERTa at BGE-M3's width and vocabulary, passage 2048 tokens, group 8), ``wide-vocab`` and
 ``tiny`` (a small random XLM-R, seconds per point).
@@ -213,7 +213,7 @@ WORKLOADS = {
     for w in (
         Workload(
             "default",
-            "Default workload (DESIGN.md section 4)",
+            "Default workload (all-MiniLM-L6-v2, q32/p128, group 2)",
             f"{MINILM}, query 32 / passage 128 tokens, group 2 (1 positive + 1 hard negative), "
             "dense + sparse + ColBERT heads, fp32, dropout on",
             model=minilm,
@@ -230,7 +230,7 @@ WORKLOADS = {
         ),
         Workload(
             "long",
-            "Long passages (issue 12, item 3)",
+            "Long passages (q32/p512, group 8)",
             f"{MINILM}, query 32 / passage 512 tokens, group 8 (1 positive + 7 hard negatives), "
             "dense + sparse + ColBERT heads, fp32, dropout on",
             model=minilm,
@@ -245,7 +245,7 @@ WORKLOADS = {
         ),
         Workload(
             "bge-m3-width",
-            "BGE-M3's width (issue 12, item 4)",
+            "BGE-M3's width (hidden 1024, 250,002-token vocabulary)",
             "random XLM-RoBERTa at BGE-M3's width: hidden 1024, 16 heads, intermediate 4096, ColBERT "
             "dim 1024, 250,002-token vocabulary, **2 layers** (BGE-M3 has 24); word-level texts whose ids "
             "spread over the whole vocabulary, query 64 / passage 2048 tokens, group 8, three heads, "
@@ -263,7 +263,7 @@ WORKLOADS = {
         ),
         Workload(
             "wide-vocab",
-            "Wide vocabulary (issue 3, item 4)",
+            "Wide vocabulary (250,002 tokens, hidden 64)",
             "random XLM-R with BGE-M3's 250,002-token vocabulary (hidden 64, 2 layers, 2 heads), "
             "word-level texts whose ids spread over the whole vocabulary, query 32 / passage 128 tokens, "
             "group 2, three heads, fp32, dropout on",
@@ -897,7 +897,7 @@ def long_checks(c: Checks) -> None:
     c.info(f"{LABELS[fe]}: memory slope B=4→16", f"{_fmt(c.slope(fe, 4, 16), '.1f')} MB/query")
     c.info(
         "representation caching (before score-level caching), ColBERT vectors + their gradients",
-        "8 × 512 × 384 × 4 B × 2 = 12.6 MB/query (estimate); 28.9 MB/query measured (DESIGN.md §4)",
+        "8 × 512 × 384 × 4 B × 2 = 12.6 MB/query (estimate); 28.9 MB/query measured with representation caching",
     )
     for b in (4, 16, 64):
         c.peak_ratio(cache, fe, b, None)
@@ -953,7 +953,7 @@ def phases(rows: list[dict], workload: str, method: str = "m3embed-cache") -> li
         and r["method"] == method
         and r["status"] == "ok"
         and r.get("phases")
-        and "step" in r["phases"][0]  # rows traced before issue 12 had other phases
+        and "step" in r["phases"][0]  # rows traced before score-level caching had other phases
     ]
     if not points:
         return []
@@ -1176,7 +1176,7 @@ def write_report(out: Path, rows: list[dict], runs: dict) -> None:
             lines += [f"![memory and step time vs batch, {name}]({record['plot']})", ""]
         checks = Checks(rows, name)
         CHECKS[name](checks)
-        lines += ["Checks (issue 12 acceptance, DESIGN.md section 7):", "", *checks.lines, ""]
+        lines += ["Checks against the project's targets:", "", *checks.lines, ""]
         if slope_lines := slopes(rows, name):
             lines += ["Memory slope between consecutive batch sizes:", "", *slope_lines, ""]
         if phase_lines := phases(rows, name):
