@@ -253,6 +253,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     out.loss.backward()
     score_grads = scores.map(_grad_or_zeros)
     del scores
+    trim.now()  # the loss's temporaries, (Bq, Bp) each, are dead: give their heap back before step (4)
 
     # Step (4): re-encode each passage sub-batch with its RNG state, recompute its score columns and
     # backprop Σ S_block·dL/dS_block: parameter gradients through the passages, dL/dq into q_leaf.
@@ -322,6 +323,11 @@ class HeapTrim:
         if self.base is None:
             self.base = resident
         elif resident > self.base + self.margin:
+            self.now()
+
+    def now(self) -> None:
+        """Trim at once (e.g. when a phase's temporaries have just died)."""
+        if self.active:
             _MALLOC_TRIM(0)
             self.base = None
 
