@@ -173,7 +173,7 @@ class CrossDeviceObjective:
     negatives: Literal["all", "dense"]
 
     def share(self, queries: M3Reps) -> M3Reps:
-        return gather_reps(queries)
+        return gather_reps(self.local.share(queries))
 
     def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
         return self.local.scores(queries, passages)

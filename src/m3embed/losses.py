@@ -259,10 +259,12 @@ class M3Objective:
     teacher_scores: torch.Tensor | None = None
 
     def share(self, queries: M3Reps) -> M3Reps:
-        return queries
+        """Queries in at least fp32 (converted once here, not per scored block)."""
+        return queries.at_least_fp32()
 
     def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
-        return batch_scores(queries.at_least_fp32(), passages.at_least_fp32(), self.config)
+        """Shapes: queries as returned by :meth:`share`, passages (b, ...) -> each score (Bq, b)."""
+        return batch_scores(queries, passages.at_least_fp32(), self.config)
 
     def loss(self, scores: BatchScores) -> LossOutput:
         return m3_loss(scores, self.group_size, self.config, self.step, self.teacher_scores)

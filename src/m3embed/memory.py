@@ -26,7 +26,7 @@ import ctypes.util
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, get_args
 
@@ -227,8 +227,9 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     # keep their representations (short texts, few of them). ``q_all`` are the queries every passage
     # is scored against (every rank's, under cross-device negatives), with autograd back to ``q``.
     trim = HeapTrim(queries.input_ids.device)
-    q_states, q_parts = _encode_without_grad(encode, queries, q_plan, trim)
-    q = merge(q_parts, q_plan).detach(requires_grad=True)
+    with torch.no_grad():
+        q_states, q_parts = zip(*_sub_batches(encode, queries, q_plan, trim))
+    q = merge(list(q_parts), q_plan).detach(requires_grad=True)
     del q_parts
     q_all = objective.share(q)
     q_leaf = q_all.detach(requires_grad=True)  # collects dL/dq over every passage block of step (4)
@@ -237,15 +238,12 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     # columns are kept, its representations are dropped.
     p_states, columns = [], []
     with torch.no_grad():
-        for rows in p_plan:
-            sub = passages.select(rows)
-            p_states.append(RandContext(sub.input_ids.device))
-            columns.append(objective.scores(q_leaf, encode(*_args(sub))))
-            trim()
-    scores = BatchScores.cat(columns).map(
-        lambda t: t[:, inverse_permutation(p_plan, t.device)]
-    )  # batch order
-    scores = scores.map(lambda t: t.detach().requires_grad_())
+        for state, reps in _sub_batches(encode, passages, p_plan, trim):
+            p_states.append(state)
+            columns.append(objective.scores(q_leaf, reps))
+        del reps  # the last sub-batch's representations, kept alive by the loop variable
+    batch_order = inverse_permutation(p_plan, columns[0].dense.device)
+    scores = BatchScores.cat(columns).map(lambda t: t[:, batch_order].requires_grad_())
     del columns
 
     # Step (3): the loss on the whole score matrices; backward stops at them: dL/dS, each (Bq, Bp).
@@ -278,17 +276,14 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     return LossOutput(out.loss.detach(), out.parts)
 
 
-def _encode_without_grad(
-    encode, batch: TokenBatch, plan, trim: HeapTrim
-) -> tuple[list[RandContext], list[M3Reps]]:
-    states, reps = [], []
-    with torch.no_grad():
-        for rows in plan:
-            sub = batch.select(rows)
-            states.append(RandContext(sub.input_ids.device))
-            reps.append(encode(*_args(sub)))
-            trim()
-    return states, reps
+def _sub_batches(encode, batch: TokenBatch, plan, trim: HeapTrim) -> Iterator[tuple[RandContext, M3Reps]]:
+    """Each sub-batch's representations, with the RNG state its encode started from (run it under
+    ``torch.no_grad()``; the heap is trimmed once the caller is done with each sub-batch)."""
+    for rows in plan:
+        sub = batch.select(rows)
+        state = RandContext(sub.input_ids.device)
+        yield state, encode(*_args(sub))
+        trim()
 
 
 def _backward_dot(tensors: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:
