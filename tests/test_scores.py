@@ -71,7 +71,9 @@ def test_sparse_scores_hand_computed():
     torch.testing.assert_close(S.sparse_scores(q_ids, q_w, p_ids, p_w), torch.tensor([[1.4, 0.0]]))
 
 
-@pytest.mark.parametrize("block", [S.DEFAULT_BLOCK_ELEMENTS, 50])
+# Lq·Lp = 45 similarities per pair: one block of everything; 1 query × 1 passage; 3 queries × 1 passage
+# (a ragged last query block); all 4 queries × 2 passages (a ragged last passage block).
+@pytest.mark.parametrize("block", [S.DEFAULT_BLOCK_ELEMENTS, 50, 135, 360])
 def test_colbert_scores_equal_naive_with_padding_and_negative_similarities(block):
     gen = torch.Generator().manual_seed(1)
     q = torch.nn.functional.normalize(torch.randn(4, 5, 8, generator=gen), dim=-1)

@@ -64,7 +64,7 @@ class LossConfig:
     )
     score_block_elements: int = setting(
         S.DEFAULT_BLOCK_ELEMENTS,
-        "passages per MaxSim / sparse block on the loss side (memory of one block, see m3embed.scores)",
+        "elements of one MaxSim similarity / sparse pooling block on the loss side (its memory; see m3embed.scores)",
         metavar="N",
         bounds=AT_LEAST_1,
     )

@@ -3,13 +3,14 @@
 Batch scores are memory-lean by construction:
 - sparse: token ids are mapped to a batch-local vocabulary (the query tokens), never to the model's
   vocabulary, so no ``(B, L, vocab)`` or ``(B, vocab)`` tensor exists;
-- colbert: MaxSim is computed a block of passages at a time, so only one ``(Bq, Lq, b, Lp)`` block
-  exists at once, and backward uses the kept argmax positions instead of the similarity tensor.
+- colbert: MaxSim is computed a block of queries × passages at a time, so only one ``(a, Lq, b, Lp)``
+  block of at most ``block_elements`` similarities exists at once, whatever the batch, and backward
+  uses the kept argmax positions instead of the similarity tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -75,8 +76,10 @@ def fuse(
     return fused
 
 
-# Elements of one MaxSim / sparse block; 2**24 fp32 elements = 64 MiB.
-DEFAULT_BLOCK_ELEMENTS = 2**24
+# Elements of one MaxSim / sparse block: 2**20 fp32 elements = 4 MiB. Blocks this size already run at
+# full matmul speed on CPU (2**20 to 2**24 timed alike), and a smaller block is what keeps the
+# score-level cache's memory flat in the number of queries.
+DEFAULT_BLOCK_ELEMENTS = 2**20
 
 
 def dense_scores(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -138,13 +141,26 @@ def colbert_scores(
     """ColBERT MaxSim ``(1/n_q) Σ_i max_j q_i·p_j`` over valid query tokens i and passage tokens j.
 
     Padding never wins the max (it is masked out, not left at 0), so scores do not depend on how much
-    padding a batch has. The similarity tensor is built one block of passages at a time and only the
-    argmax positions are kept for backward (int32, ``Bq·Lq·Bp`` of them), which rebuilds each block's
-    one-hot similarity gradient from them instead of recomputing the block.
+    padding a batch has. The similarity tensor is built one block of queries × passages at a time
+    (at most ``block_elements`` similarities, or one query × one passage), so its memory does not grow
+    with either batch; only the argmax positions are kept for backward (int32, ``Bq·Lq·Bp`` of them),
+    which rebuilds each block's one-hot similarity gradient from them instead of recomputing it.
 
     Shapes: q_vecs (Bq, Lq, C), q_mask (Bq, Lq), p_vecs (Bp, Lp, C), p_mask (Bp, Lp) -> (Bq, Bp).
     """
     return _MaxSim.apply(q_vecs, q_mask.to(q_vecs.dtype), p_vecs, p_mask.bool(), block_elements)
+
+
+def _sim_blocks(q: torch.Tensor, p: torch.Tensor, block_elements: int) -> Iterator[tuple[slice, slice]]:
+    """(query rows, passage rows) of each similarity block: whole passage rows first, then fewer
+    queries once one passage against every query exceeds ``block_elements``."""
+    (bq, lq, _), (bp, lp, _) = q.shape, p.shape
+    per_pair = lq * lp
+    q_step = max(1, min(bq, block_elements // max(1, per_pair)))
+    p_step = max(1, block_elements // max(1, q_step * per_pair))
+    for p_start in range(0, bp, p_step):
+        for q_start in range(0, bq, q_step):
+            yield slice(q_start, q_start + q_step), slice(p_start, p_start + p_step)
 
 
 class _MaxSim(torch.autograd.Function):
@@ -152,21 +168,21 @@ class _MaxSim(torch.autograd.Function):
     def forward(ctx, q, q_mask, p, p_mask, block_elements):
         bq, lq, c = q.shape
         bp, lp, _ = p.shape
-        q_flat = q.reshape(bq * lq, c)
         n_q = q_mask.sum(1).clamp(min=1)  # (Bq,)
         has_tokens = p_mask.any(-1)  # (Bp,): an all-padding passage scores 0
         scores = q.new_empty(bq, bp)
         argmax = torch.empty(bq, lq, bp, dtype=torch.int32 if lp < 2**31 else torch.int64, device=q.device)
-        block = max(1, block_elements // max(1, bq * lq * lp))
-        for start in range(0, bp, block):
-            stop = min(start + block, bp)
-            p_block = p[start:stop].reshape(-1, c)  # (b·Lp, C)
-            sim = (q_flat @ p_block.T).view(bq, lq, stop - start, lp)  # (Bq, Lq, b, Lp)
-            sim.masked_fill_(~p_mask[start:stop][None, None], torch.finfo(sim.dtype).min)
-            best, idx = sim.max(dim=-1)  # (Bq, Lq, b)
-            best = best * has_tokens[start:stop]
-            scores[:, start:stop] = (best * q_mask[..., None]).sum(1) / n_q[:, None]
-            argmax[:, :, start:stop] = idx
+        for qs, ps in _sim_blocks(q, p, block_elements):
+            q_block, p_block = q[qs], p[ps]  # (a, Lq, C), (b, Lp, C)
+            sim = (q_block.reshape(-1, c) @ p_block.reshape(-1, c).T).view(
+                q_block.shape[0], lq, p_block.shape[0], lp
+            )  # (a, Lq, b, Lp)
+            sim.masked_fill_(~p_mask[ps][None, None], torch.finfo(sim.dtype).min)
+            best, idx = sim.max(dim=-1)  # (a, Lq, b)
+            del sim
+            best = best * has_tokens[ps]
+            scores[qs, ps] = (best * q_mask[qs, :, None]).sum(1) / n_q[qs, None]
+            argmax[qs, :, ps] = idx
         ctx.save_for_backward(q, q_mask, p, has_tokens, argmax)
         ctx.block_elements = block_elements
         return scores
@@ -174,24 +190,24 @@ class _MaxSim(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, q_mask, p, has_tokens, argmax = ctx.saved_tensors
-        bq, lq, c = q.shape
-        bp, lp, _ = p.shape
+        c = q.shape[2]
+        lp = p.shape[1]
         # d score[a, b] / d best[a, i, b] = q_mask[a, i] / n_q[a] (0 for all-padding passages)
         weight = grad[:, None, :] * (q_mask / q_mask.sum(1, keepdim=True).clamp(min=1))[..., None]
         weight = weight * has_tokens  # (Bq, Lq, Bp)
         grad_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
         grad_p = torch.zeros_like(p) if ctx.needs_input_grad[2] else None
-        block = max(1, ctx.block_elements // max(1, bq * lq * lp))
-        for start in range(0, bp, block):
-            stop = min(start + block, bp)
+        for qs, ps in _sim_blocks(q, p, ctx.block_elements):
+            q_block, p_block = q[qs], p[ps]  # (a, Lq, C), (b, Lp, C)
             # the similarity gradient is one-hot along Lp: w at each argmax, 0 elsewhere
-            grad_sim = q.new_zeros(bq, lq, stop - start, lp)  # (Bq, Lq, b, Lp)
-            grad_sim.scatter_(3, argmax[:, :, start:stop, None].long(), weight[:, :, start:stop, None])
-            grad_sim = grad_sim.view(bq * lq, -1)  # (Bq·Lq, b·Lp)
+            grad_sim = q.new_zeros(*argmax[qs, :, ps].shape, lp)  # (a, Lq, b, Lp)
+            grad_sim.scatter_(3, argmax[qs, :, ps, None].long(), weight[qs, :, ps, None])
+            grad_sim = grad_sim.view(q_block.shape[0] * q_block.shape[1], -1)  # (a·Lq, b·Lp)
             if grad_q is not None:
-                grad_q += (grad_sim @ p[start:stop].reshape(-1, c)).view(bq, lq, c)
+                grad_q[qs] += (grad_sim @ p_block.reshape(-1, c)).view_as(q_block)
             if grad_p is not None:
-                grad_p[start:stop] = (grad_sim.T @ q.reshape(bq * lq, c)).view(stop - start, lp, c)
+                grad_p[ps] += (grad_sim.T @ q_block.reshape(-1, c)).view_as(p_block)
+            del grad_sim
         return grad_q, None, grad_p, None, None
 
 
