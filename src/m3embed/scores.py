@@ -192,22 +192,27 @@ class _MaxSim(torch.autograd.Function):
         q, q_mask, p, has_tokens, argmax = ctx.saved_tensors
         c = q.shape[2]
         lp = p.shape[1]
-        # d score[a, b] / d best[a, i, b] = q_mask[a, i] / n_q[a] (0 for all-padding passages)
+        # d score[a, b] / d best[a, i, b] = q_mask[a, i] / n_q[a] (0 for all-padding passages), and
+        # best[a, i, b] = q[a, i]·p[b, argmax[a, i, b]]: only the argmax tokens get a gradient, so it is
+        # gathered / scattered at them (Bq·Lq·Bp·C work) instead of multiplying a one-hot Lp-long
+        # similarity gradient (Lp times more).
         weight = grad[:, None, :] * (q_mask / q_mask.sum(1, keepdim=True).clamp(min=1))[..., None]
         weight = weight * has_tokens  # (Bq, Lq, Bp)
         grad_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
         grad_p = torch.zeros_like(p) if ctx.needs_input_grad[2] else None
-        for qs, ps in _sim_blocks(q, p, ctx.block_elements):
+        # gathered rows are C long where similarities were Lp long: the same memory per block
+        for qs, ps in _sim_blocks(q, p, ctx.block_elements * lp // max(lp, c)):
             q_block, p_block = q[qs], p[ps]  # (a, Lq, C), (b, Lp, C)
-            # the similarity gradient is one-hot along Lp: w at each argmax, 0 elsewhere
-            grad_sim = q.new_zeros(*argmax[qs, :, ps].shape, lp)  # (a, Lq, b, Lp)
-            grad_sim.scatter_(3, argmax[qs, :, ps, None].long(), weight[qs, :, ps, None])
-            grad_sim = grad_sim.view(q_block.shape[0] * q_block.shape[1], -1)  # (a·Lq, b·Lp)
+            b = p_block.shape[0]
+            w = weight[qs, :, ps]  # (a, Lq, b)
+            # row of p_block.view(b·Lp, C) that each (query token, passage) pair matched
+            rows = (argmax[qs, :, ps].long() + torch.arange(b, device=q.device) * lp).reshape(-1)
             if grad_q is not None:
-                grad_q[qs] += (grad_sim @ p_block.reshape(-1, c)).view_as(q_block)
+                matched = p_block.reshape(b * lp, c).index_select(0, rows).view(*w.shape, c)
+                grad_q[qs] += torch.einsum("aib,aibc->aic", w, matched)
             if grad_p is not None:
-                grad_p[ps] += (grad_sim.T @ q_block.reshape(-1, c)).view_as(p_block)
-            del grad_sim
+                contrib = (w[..., None] * q_block[:, :, None, :]).reshape(-1, c)  # (a·Lq·b, C)
+                grad_p[ps] += p.new_zeros(b * lp, c).index_add_(0, rows, contrib).view_as(p_block)
         return grad_q, None, grad_p, None, None
 
 
