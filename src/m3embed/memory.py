@@ -10,7 +10,8 @@ All three take an encode function and an objective and give the same loss and th
   encoded without grad, scored against all queries and dropped, so only its score columns stay; the
   loss is backpropagated to the score matrices; each passage sub-batch is re-encoded with the same
   RNG state and backpropagates ``Σ S_block·dL/dS_block`` (which also accumulates the queries'
-  representation gradients); last the queries are re-encoded and backpropagate ``Σ rep·cached_grad``.
+  representation gradients; the last sub-batch keeps its graph from the first pass instead of being
+  re-encoded); last the queries are re-encoded and backpropagate ``Σ rep·cached_grad``.
   It holds the query representations, the ``(Bq, Bp)`` score matrices and one sub-batch's
   activations, whatever the number, length or width of the passages.
 
@@ -234,14 +235,19 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     q_all = objective.share(q)
     q_leaf = q_all.detach(requires_grad=True)  # collects dL/dq over every passage block of step (4)
 
-    # Step (2): each passage sub-batch without grad, scored against all queries; only its score
-    # columns are kept, its representations are dropped.
+    # Step (2): each passage sub-batch but the last without grad, scored against all queries; only its
+    # score columns are kept, its representations are dropped. The last one is encoded and scored with
+    # grad and its graph kept, so step (4) backpropagates it without re-encoding it (one sub-batch's
+    # activations, which step (4) holds anyway).
+    *replayed, kept_rows = p_plan
     p_states, columns = [], []
     with torch.no_grad():
-        for state, reps in _sub_batches(encode, passages, p_plan, trim):
+        for state, reps in _sub_batches(encode, passages, replayed, trim):
             p_states.append(state)
             columns.append(objective.scores(q_leaf, reps))
-        del reps  # the last sub-batch's representations, kept alive by the loop variable
+        reps = None  # the last sub-batch's representations, kept alive by the loop variable
+    kept = objective.scores(q_leaf, encode(*_args(passages.select(kept_rows))))
+    columns.append(kept.map(torch.Tensor.detach))
     batch_order = inverse_permutation(p_plan, columns[0].dense.device)
     scores = BatchScores.cat(columns).map(lambda t: t[:, batch_order].requires_grad_())
     del columns
@@ -253,12 +259,19 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     del scores
     trim.now()  # the loss's temporaries, (Bq, Bp) each, are dead: give their heap back before step (4)
 
-    # Step (4): re-encode each passage sub-batch with its RNG state, recompute its score columns and
-    # backprop Σ S_block·dL/dS_block: parameter gradients through the passages, dL/dq into q_leaf.
-    for rows, state in zip(p_plan, p_states):
+    # Step (4): backprop Σ S_block·dL/dS_block for each passage sub-batch (the kept one first, the others
+    # re-encoded with their RNG state and re-scored): parameter gradients through the passages, and
+    # dL/dq accumulates in q_leaf.
+    def columns_of(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return score_grads.map(lambda g: g[:, rows.to(g.device)]).tensors()
+
+    _backward_dot(kept.tensors(), columns_of(kept_rows))
+    del kept
+    trim()
+    for rows, state in zip(replayed, p_states):
         with state:
             block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
-            _backward_dot(block.tensors(), score_grads.map(lambda g, r=rows: g[:, r.to(g.device)]).tensors())
+            _backward_dot(block.tensors(), columns_of(rows))
         del block
         trim()
 
