@@ -8,7 +8,8 @@ no optimiser step) and reports:
 - peak memory above the loaded model: on CPU, the peak resident set size (``VmHWM``, reset with
   ``m3embed.train.reset_peak_rss`` once the model and batch are in memory) minus the RSS at that
   moment; on CUDA, ``torch.cuda.max_memory_allocated()`` minus the memory allocated at that moment;
-- the wall time of the last step (the first one includes allocator warm-up when 2 steps run) and
+- the step time: the median wall time of the steps after the first (which includes allocator
+  warm-up), or the only step's, and
   the 1-minute load average around the steps (the machine may be shared).
 
 Methods: m3embed's ``none`` / ``checkpoint`` / ``cache`` strategies (``m3embed.memory.run_step`` with
@@ -47,6 +48,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -194,7 +196,9 @@ class Workload:
     batches: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Texts per sub-batch (mini-batch for sentence-transformers), per method; SUB_BATCH if absent.
     sub_batch: dict[str, int] = field(default_factory=dict)
-    steps: int = 2  # training steps per point; the last one is timed (the first warms the allocator)
+    # training steps per point; the step time is the median of all but the first (which warms the
+    # allocator), or the only step's time
+    steps: int = 2
     # Steps at these batch sizes instead (e.g. 1 for a point measured for its memory only).
     steps_at: dict[int, int] = field(default_factory=dict)
     point_timeout_s: int = 3600
@@ -226,7 +230,9 @@ WORKLOADS = {
                 "flagembedding-checkpoint": (32, 256),
                 "st-cached-mnrl": (32, 256),
             },
-            steps_at={1024: 1},  # B=1024 is there for its memory (and takes ~10 min a step on 2 cores)
+            # B=32: seconds a step, so 5 steps for a steadier median; B=1024 is there for its memory
+            # (and takes ~10 min a step on 2 cores)
+            steps_at={32: 5, 1024: 1},
         ),
         Workload(
             "long",
@@ -627,7 +633,7 @@ def worker(args: argparse.Namespace) -> None:
         "sub_batch": workload.sub_batch_of(args.method),
         "peak_mb": round(peak / 2**20, 1),
         "loaded_mb": round(memory.baseline / 2**20, 1),
-        "step_s": round(times[-1], 3),
+        "step_s": round(statistics.median(times[1:] or times), 3),
         "step_times_s": [round(t, 3) for t in times],
         # CPU seconds (user + system, all threads) of the last step.
         "cpu_s": round(cpu_times[-1], 2),
@@ -1096,8 +1102,9 @@ training steps: forward + loss + backward, **no optimiser step** (the same for e
 - **peak MB** = `VmHWM` after the steps − `VmRSS` before them: the memory the training step needs
   above the loaded model, its tokenised batch and (from the second step on) its gradients.
   On CUDA the script uses `torch.cuda.max_memory_allocated()` − allocated memory instead.
-- **step s** = wall time of the last step run in that process (see `steps` in the CSV; with 2
-  steps the first one, which includes allocator warm-up, is not reported). **step CPU s** = the
+- **step s** = the median wall time of the steps run in that process after the first, which includes
+  allocator warm-up (all of them in `step_times_s` in the CSV; with 1 step, that step's time). **step
+  CPU s** = the
   process's user + system CPU time over that step (all threads). **load avg** = the machine's
   1-minute load average before the first step and the highest after a step; the point's own
   threads count in it (about 2 on this 2-core machine when nothing else runs), so a load well above
@@ -1205,7 +1212,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", choices=METHODS, help="only these methods")
     parser.add_argument("--batches", nargs="*", type=int, help="only these batch sizes")
     parser.add_argument(
-        "--steps", type=int, help="training steps per point (the last is timed); default: the workload's"
+        "--steps",
+        type=int,
+        help="training steps per point (the median of all but the first is timed); default: the workload's",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per point")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
