@@ -361,10 +361,10 @@ def _cpu_seconds() -> float:
 PHASES = {
     # cache (memory._cached_step's numbered steps)
     "q-nograd": "(1) queries: encode without grad",
-    "p-nograd": "(2) passages: encode without grad + score columns",
+    "p-score": "(2) passages: encode + score columns (without grad; the last sub-batch with grad, graph kept)",
     "loss-forward": "(3) loss forward on the score matrices",
-    "loss-backward": "(3) loss backward to the scores",
-    "p-regrad": "(4) passages: re-encode + backward of Σ S_block·dL/dS_block",
+    "loss-backward": "(3) loss backward to the scores, then (4) the kept sub-batch's backward",
+    "p-regrad": "(4) passages: re-encode + backward of Σ S_block·dL/dS_block (all but the kept one)",
     "q-regrad": "(5) queries: re-encode + backward of Σ rep·cached_grad",
     # none / checkpoint
     "encode": "encode every sub-batch with autograd",
@@ -380,7 +380,7 @@ class PhaseTrace:
     It is told what happens by the functions the step calls: a forward pre-hook on the model and
     :class:`TracedObjective` (share / scores / loss). For ``cache`` it tells step (1) from (2) by the
     ``share`` call that separates them, and step (4) from (5) by counting the score calls with grad
-    against the passage blocks scored without grad.
+    after the loss against the passage blocks scored without grad before it.
     """
 
     def __init__(self, strategy: str) -> None:
@@ -398,7 +398,7 @@ class PhaseTrace:
 
     def new_step(self) -> None:
         self.step += 1
-        self.shared, self.blocks, self.blocks_with_grad = False, 0, 0
+        self.shared, self.loss_done, self.blocks, self.blocks_with_grad = False, False, 0, 0
 
     def enter(self, phase: str) -> None:
         if phase == self.phase:
@@ -423,23 +423,24 @@ class PhaseTrace:
     def on_encode(self, grad: bool) -> None:
         if not self.cached:
             self.enter("encode")
-        elif not grad:
-            self.enter("p-nograd" if self.shared else "q-nograd")
+        elif not self.loss_done:
+            self.enter("p-score" if self.shared else "q-nograd")
         else:
             self.enter("p-regrad" if self.blocks_with_grad < self.blocks else "q-regrad")
 
     def on_share(self) -> None:
         self.shared = True
-        self.enter("p-nograd" if self.cached else "scores-loss")
+        self.enter("p-score" if self.cached else "scores-loss")
 
     def on_scores(self, grad: bool) -> None:
-        if self.cached and grad:
+        if self.cached and self.loss_done:
             self.blocks_with_grad += 1
-        elif self.cached:
+        elif self.cached and not grad:
             self.blocks += 1
 
     def on_loss(self, done: bool) -> None:
         if self.cached:
+            self.loss_done = done
             self.enter("loss-backward" if done else "loss-forward")
         elif done:
             self.enter("backward")
