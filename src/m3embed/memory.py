@@ -35,6 +35,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from m3embed.losses import BatchScores, LossOutput
+from m3embed.peak_memory import rss_bytes
 from m3embed.reps import M3Reps, inverse_permutation, merge, split_like
 from m3embed.settings import AT_LEAST_1, Bounds, check_fields, setting
 
@@ -327,7 +328,7 @@ class HeapTrim:
     def __call__(self) -> None:
         if not self.active:
             return
-        resident = _resident_bytes()
+        resident = rss_bytes()
         if self.base is None:
             self.base = resident
         elif resident > self.base + self.margin:
@@ -338,11 +339,6 @@ class HeapTrim:
         if self.active:
             _MALLOC_TRIM(0)
             self.base = None
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _find_malloc_trim():

@@ -26,9 +26,7 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
-import sys
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -45,6 +43,7 @@ from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Model, no_library_progress_bars
+from m3embed.peak_memory import reset_rss_peak, rss_peak_bytes
 from m3embed.scores import MODES
 from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bounds, build, check_fields, setting
 from m3embed.step import train_step
@@ -332,23 +331,6 @@ class TrainResult:
     tokens_per_second: float
 
 
-def peak_rss_bytes() -> int:
-    """The process's resident-set high-water mark (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Restart the high-water mark from the current RSS (Linux: ``/proc/self/clear_refs``), so the
-    training steps' peak is not the evaluation's. Returns False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ---------------------------------------------------------------------- the loop
 StepCallback = Callable[[int, dict[str, Any]], None]
 
@@ -566,12 +548,12 @@ class Meter:
 
     def start_training(self, device: torch.device) -> None:
         self.device = device
-        self.overall_peak = peak_rss_bytes()
-        reset_peak_rss()  # step metrics report the training peak, not the evaluation's
+        self.overall_peak = rss_peak_bytes()
+        reset_rss_peak()  # step metrics report the training peak, not the evaluation's
 
     def after_evaluation(self) -> None:
-        self.overall_peak = max(self.overall_peak, peak_rss_bytes())
-        reset_peak_rss()
+        self.overall_peak = max(self.overall_peak, rss_peak_bytes())
+        reset_rss_peak()
 
     def step(self, metrics: dict[str, Any], batch, queries, passages, seconds: float) -> dict[str, Any]:
         """``metrics`` (step, epoch, loss parts, lr, grad_norm) with time, throughput and memory added."""
@@ -581,13 +563,13 @@ class Meter:
         self.queries += queries_done
         self.tokens += tokens
         self.losses.append(metrics["loss"])
-        self.train_peak = max(self.train_peak, peak_rss_bytes())
+        self.train_peak = max(self.train_peak, rss_peak_bytes())
         return {
             **metrics,
             "seconds": round(seconds, 4),
             "queries_per_s": queries_done / seconds,
             "tokens_per_s": tokens / seconds,
-            "peak_rss_mb": peak_rss_bytes() / 2**20,
+            "peak_rss_mb": rss_peak_bytes() / 2**20,
             **_gpu_memory(self.device),
             "dataset": batch.dataset,
         }
@@ -604,7 +586,7 @@ class Meter:
             losses=self.losses,
             eval_before=eval_before,
             eval_after=eval_after,
-            peak_rss_bytes=max(self.overall_peak, peak_rss_bytes()),
+            peak_rss_bytes=max(self.overall_peak, rss_peak_bytes()),
             train_peak_rss_bytes=self.train_peak,
             peak_gpu_bytes=torch.cuda.max_memory_allocated(self.device) if cuda else None,
             seconds=time.perf_counter() - self.started,
