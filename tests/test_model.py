@@ -1,5 +1,6 @@
 """M3Model: outputs equal the formulas of docs/design.md, "Model", BGE-M3 layout round trips, bad input."""
 
+import json
 import logging
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
 from m3embed import M3Config, M3Model
 from m3embed.testing import sample_texts, tiny_model, wide_vocab_texts, wide_vocab_tokenizer
@@ -104,6 +106,22 @@ def test_flagembedding_layout_without_our_config_loads(tmp_path, xlmr_model):
     torch.save(xlmr_model.sparse_linear.state_dict(), directory / "sparse_linear.pt")
     loaded = M3Model.from_pretrained(directory)
     assert_outputs_close(encode_all(xlmr_model, TEXTS), encode_all(loaded, TEXTS), tol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokenizer_max", "expected"),
+    [("xlmr", None, 512), ("bert", None, 512), ("xlmr", 128, 128)],
+    ids=["xlmr-514-positions-less-offset", "bert-512-positions", "tokenizer-limit"],
+)
+def test_sentence_transformers_max_seq_length_is_what_the_encoder_takes(
+    tmp_path, kind, tokenizer_max, expected
+):
+    """XLM-R numbers positions from padding_idx + 1 (514 - 2 usable), BERT from 0; a tokenizer limit wins."""
+    model = tiny_model(kind)
+    model.tokenizer.model_max_length = tokenizer_max or VERY_LARGE_INTEGER  # None: no tokenizer limit
+    model.save_pretrained(tmp_path / "m")
+    written = json.loads((tmp_path / "m" / "sentence_bert_config.json").read_text())
+    assert written == {"max_seq_length": expected, "do_lower_case": False}
 
 
 def test_missing_heads_are_initialised_with_a_warning(tmp_path, xlmr_model, caplog):

@@ -13,7 +13,7 @@ import yaml
 from m3embed import checkpoint as ckpt
 from m3embed import settings
 from m3embed.cli import build_parser, main
-from m3embed.model import M3Model
+from m3embed.model import M3Config, M3Model
 from m3embed.testing import sample_texts, tiny_model
 from m3embed.train import LOG_FILE, SECTIONS, RunConfig, TrainConfig, demo_config, read_log, train
 from test_data import BAD_LINES, BAD_PATH_IDS, BAD_PATHS, ex, write  # the data layer's cases, end to end
@@ -356,6 +356,33 @@ def test_cli_checkpoint_loads_in_m3embed_and_flagembedding(tmp_path, capsys, mod
         pytest.skip("FlagEmbedding not installed")
     theirs = fe.M3Embedder(str(path), use_fp16=False, devices="cpu").encode(texts)["dense_vecs"]
     torch.testing.assert_close(torch.as_tensor(theirs), torch.as_tensor(ours), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "pooling", "normalize"),
+    [("xlmr", "cls", True), ("xlmr", "mean", True), ("bert", "mean", False)],
+    ids=["cls", "mean", "mean-unnormalised-bert"],
+)
+def test_cli_checkpoint_loads_in_sentence_transformers(tmp_path, data_file, kind, pooling, normalize):
+    """SentenceTransformer(checkpoint) is the dense encoder: our pipeline and vectors, offline, no remote code."""
+    st = pytest.importorskip("sentence_transformers")
+    model_dir, run = tmp_path / "model", tmp_path / "run"
+    tiny_model(kind, config=M3Config(normalize=normalize)).save_pretrained(model_dir)
+    argv = ["train", "--model", str(model_dir), "--train-data", data_file, "--output-dir", str(run)]
+    argv += ["--group-size", str(G), "--batch-size", str(B), "--max-steps", "1", "--no-progress-bar"]
+    assert main([*argv, "--pooling", pooling]) == 0
+    ours = M3Model.from_pretrained(run / "checkpoint-1")
+    assert (ours.config.pooling, ours.config.normalize) == (pooling, normalize)
+    theirs = st.SentenceTransformer(str(run / "checkpoint-1"), device="cpu")
+    # Without modules.json ST would build Transformer -> mean Pooling itself; the pipeline must be ours.
+    modules = ["Transformer", "Pooling", "Normalize"] if normalize else ["Transformer", "Pooling"]
+    assert [type(m).__name__ for m in theirs] == modules
+    assert theirs.similarity_fn_name == ("cosine" if normalize else "dot")
+    assert theirs.max_seq_length == 512
+    texts = sample_texts(6, seed=9, min_words=1, max_words=40)
+    expected = torch.as_tensor(ours.encode(texts, batch_size=4)["dense_vecs"])
+    got = torch.as_tensor(theirs.encode(texts, batch_size=4))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_resume_refuses_a_different_world_size(tmp_path, model_dir, data_file):

@@ -4,7 +4,8 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>`` that is at once
 
 * a model in BGE-M3's layout (``M3Model.from_pretrained`` and FlagEmbedding's ``M3Embedder`` load it):
   encoder weights (safetensors), tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``,
-  ``m3embed_config.json``;
+  ``m3embed_config.json``, and sentence-transformers' files (``SentenceTransformer(folder)`` loads the
+  dense encoder; see :mod:`m3embed.st_files`);
 * the state to continue training exactly: ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``
   (torch CPU/CUDA generator states of every rank, as tensors), ``trainer_state.json`` (step, sampler
   epoch and position, world size) and ``train_config.json`` (the resolved data, memory, loss and
@@ -100,7 +101,7 @@ def save_checkpoint(
     os.replace(tmp, final)
 
     # 3. The pointer, replaced atomically too.
-    _write_atomic(out / LATEST, final.name + "\n")
+    write_atomic(out / LATEST, final.name + "\n")
 
     # 4. Rotation: the newest keep_last checkpoints stay.
     if keep_last is not None and keep_last > 0:
@@ -158,7 +159,8 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "w") as f:
         f.write(text)

@@ -22,7 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from m3embed import scores as S
+from m3embed.checkpoint import write_atomic
 from m3embed.reps import M3Reps
+from m3embed.st_files import write_sentence_transformers_files
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +144,12 @@ class M3Model(nn.Module):
         return model.eval()  # as transformers does: inference mode until someone calls .train()
 
     def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
-        """Write BGE-M3's layout: encoder + tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``."""
+        """Write BGE-M3's layout: encoder + tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``.
+
+        Also ``m3embed_config.json`` and sentence-transformers' files, so that
+        ``SentenceTransformer(directory).encode(texts)`` gives this model's dense vectors
+        (:func:`m3embed.st_files.write_sentence_transformers_files`).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory, safe_serialization=safe_serialization)
@@ -152,7 +159,8 @@ class M3Model(nn.Module):
                 torch.save(
                     {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file
                 )
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        write_atomic(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
+        write_sentence_transformers_files(directory, self)
 
     def gradient_checkpointing_enable(self) -> None:
         """Layer-level activation checkpointing in the encoder (non-reentrant: RNG is replayed)."""
