@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,8 +79,10 @@ def _torchrun(*args: str, script: Path | None = None) -> list[str]:
 
 
 def _env() -> dict[str, str]:
+    """CPU processes (gloo) even where a GPU is visible: two ranks would need two GPUs."""
     src = str(Path(m3embed.__file__).parents[1])
-    return {**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {"PYTHONPATH": src, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return {**os.environ, **env}
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -236,3 +239,37 @@ def test_an_error_on_rank_0_stops_every_rank_with_the_reason(data, tmp_path):
     for rank in (0, 1):  # rank 0 refused the folder; rank 1 got its error instead of waiting for it
         assert f"m3embed encode: error (rank {rank}): {out}: directory exists, is not empty" in done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def _encode_into_own_folder(rank: int, port: int, data: str, tmp: str) -> None:
+    """Each rank passes its own folder, as ranks on machines without a shared filesystem would see one."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU: two ranks would need two GPUs
+    from m3embed.distributed import process_group
+
+    with process_group(timeout_s=60) as ranks:
+        torch.manual_seed(0)
+        model = M3Model.from_pretrained(f"{data}/model", device="cpu")
+        try:
+            encode_corpus(
+                model, f"{data}/beir/corpus.jsonl", f"{tmp}/index{rank}", show_progress_bar=False, ranks=ranks
+            )
+            outcome = "encoded"
+        except ValueError as err:
+            outcome = str(err)
+        Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+
+
+def test_a_rank_that_does_not_see_the_folder_stops_every_rank(data, tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_encode_into_own_folder, args=(port, str(data), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert outcome.startswith(
+            f"rank 1 does not see {tmp_path / 'index1' / 'manifest.json'}, which rank 0 wrote"
+        )
+    assert not list((tmp_path / "index0").glob("shard-*"))  # nothing encoded
