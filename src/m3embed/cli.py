@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import sys
 import typing
@@ -194,8 +195,6 @@ def _in_flag_terms(message: str, given: dict[str, dict], config_file: str | None
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import os
-
     import yaml
 
     from m3embed.train import RunConfig, demo_config, format_summary, load_config_file, merge_sections, train
@@ -222,8 +221,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:  # under torchrun, rank 0 speaks for the job
-        logging.getLogger("m3embed").setLevel(logging.WARNING)
+    _quiet_unless_rank_0(rank)
     result = train(config)
     if rank == 0:
         print(format_summary(result))
@@ -257,12 +255,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         help=f"passage truncation in tokens (default {d.max_length})",
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument(
-        "--shard-size",
-        type=int,
-        default=d.shard_size,
-        help=f"documents per shard, the unit of resuming (default {d.shard_size})",
-    )
+    _shard_size_arg(p)
     p.add_argument(
         "--dtype", choices=DTYPES, default=d.dtype, help=f"dense/ColBERT storage type (default {d.dtype})"
     )
@@ -274,6 +267,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--no-{output}", action="store_true", help=f"do not store {what}")
     p.add_argument("--overwrite", action="store_true", help="delete an existing index at OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _dist_timeout_arg(p)
     p.set_defaults(func=_user_errors(_run_encode))
 
 
@@ -368,9 +362,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top-k", type=int, default=ED.top_k, help=f"hits per query (default {ED.top_k})")
     _candidates_and_weights(p, ED.candidates)
+    _shard_size_arg(p)
     _index_dir_arg(p)
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _dist_timeout_arg(p)
     p.set_defaults(func=_user_errors(_run_eval))
 
 
@@ -397,18 +393,60 @@ def _add_mine(sub: argparse._SubParsersAction) -> None:
         "--negatives", type=int, default=d.negatives, help=f"negatives per query (default {d.negatives})"
     )
     p.add_argument("--mode", choices=MODES, default=d.mode, help=f"default {d.mode}")
-    for name in ("query_max_length", "passage_max_length", "batch_size", "seed"):
+    for name in ("query_max_length", "passage_max_length", "batch_size", "shard_size", "seed"):
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
     _index_dir_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _dist_timeout_arg(p)
     p.set_defaults(func=_user_errors(_run_mine))
 
 
 def _index_dir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--index-dir", help="keep the encoded corpus here (resumable) instead of a temporary folder"
+        "--index-dir",
+        help="keep the encoded corpus here (resumable) instead of a temporary folder; under torchrun "
+        "on several machines, a folder every machine reaches",
     )
+
+
+def _shard_size_arg(p: argparse.ArgumentParser) -> None:
+    from m3embed.index import IndexOptions
+
+    default = IndexOptions.shard_size
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=default,
+        help=f"documents per index shard: the unit of resuming, and of sharing out the encoding under "
+        f"torchrun (default {default})",
+    )
+
+
+def _dist_timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun, the longest a process waits for the others (they finish about one shard "
+        "apart; default 1800)",
+    )
+
+
+@contextlib.contextmanager
+def _processes(args: argparse.Namespace):
+    """The process group torchrun describes (none for one process), for the length of a command."""
+    from m3embed.distributed import process_group
+
+    with process_group(args.dist_timeout) as ranks:
+        _quiet_unless_rank_0(ranks.rank)
+        yield ranks
+
+
+def _quiet_unless_rank_0(rank: int) -> None:
+    if rank != 0:  # under torchrun, rank 0 speaks for the job
+        logging.getLogger("m3embed").setLevel(logging.WARNING)
 
 
 def _user_errors(run):
@@ -418,7 +456,9 @@ def _user_errors(run):
         try:
             return run(args)
         except (FileNotFoundError, FileExistsError, ValueError) as err:
-            print(f"m3embed {args.command}: error: {err}", file=sys.stderr)
+            rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else None
+            where = "" if rank is None else f" (rank {rank})"
+            print(f"m3embed {args.command}: error{where}: {err}", file=sys.stderr)
             return 2
 
     return wrapped
@@ -457,16 +497,19 @@ def _run_encode(args: argparse.Namespace) -> int:
         sparse=not args.no_sparse,
         colbert=not args.no_colbert,
     )
-    model = _load_model(args.model, args)
-    out = encode_corpus(
-        model,
-        args.corpus,
-        args.out,
-        options,
-        overwrite=args.overwrite,
-        show_progress_bar=not args.no_progress,
-    )
-    print(index_summary(out))
+    with _processes(args) as ranks:
+        model = _load_model(args.model, args)
+        out = encode_corpus(
+            model,
+            args.corpus,
+            args.out,
+            options,
+            overwrite=args.overwrite,
+            show_progress_bar=not args.no_progress,
+            ranks=ranks,
+        )
+    if ranks.is_main:
+        print(index_summary(out))
     return 0
 
 
@@ -509,23 +552,28 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from m3embed.evaluate import evaluate_beir, markdown_report
 
-    model = _load_model(args.model, args)
-    result = evaluate_beir(
-        model,
-        args.beir_folder,
-        args.split,
-        query_max_length=args.query_max_length,
-        passage_max_length=args.passage_max_length,
-        batch_size=args.batch_size,
-        max_docs=args.max_docs,
-        modes=args.modes,
-        weights=args.weights,
-        top_k=args.top_k,
-        candidates=args.candidates,
-        seed=args.seed,
-        index_dir=args.index_dir,
-        show_progress_bar=not args.no_progress,
-    )
+    with _processes(args) as ranks:
+        model = _load_model(args.model, args)
+        result = evaluate_beir(
+            model,
+            args.beir_folder,
+            args.split,
+            query_max_length=args.query_max_length,
+            passage_max_length=args.passage_max_length,
+            batch_size=args.batch_size,
+            max_docs=args.max_docs,
+            modes=args.modes,
+            weights=args.weights,
+            top_k=args.top_k,
+            candidates=args.candidates,
+            seed=args.seed,
+            index_dir=args.index_dir,
+            shard_size=args.shard_size,
+            show_progress_bar=not args.no_progress,
+            ranks=ranks,
+        )
+    if result is None:
+        return 0  # not rank 0: it helped encode
     report = markdown_report(result)
     print(report)
     if args.output:
@@ -540,7 +588,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_mine(args: argparse.Namespace) -> int:
     from m3embed.mine import MineOptions, mine_hard_negatives
 
-    model = _load_model(args.model, args)
     options = MineOptions(
         rank_range=tuple(args.range),
         negatives=args.negatives,
@@ -548,18 +595,25 @@ def _run_mine(args: argparse.Namespace) -> int:
         query_max_length=args.query_max_length,
         passage_max_length=args.passage_max_length,
         batch_size=args.batch_size,
+        shard_size=args.shard_size,
         seed=args.seed,
     )
-    stats = mine_hard_negatives(
-        model,
-        args.train,
-        args.corpus,
-        args.output,
-        options,
-        index_dir=args.index_dir,
-        show_progress_bar=not args.no_progress,
-    )
-    print(f"wrote {stats['lines']} lines to {args.output} ({stats['padded']} padded with random negatives)")
+    with _processes(args) as ranks:
+        model = _load_model(args.model, args)
+        stats = mine_hard_negatives(
+            model,
+            args.train,
+            args.corpus,
+            args.output,
+            options,
+            index_dir=args.index_dir,
+            show_progress_bar=not args.no_progress,
+            ranks=ranks,
+        )
+    if stats is not None:  # rank 0 (the others helped encode)
+        print(
+            f"wrote {stats['lines']} lines to {args.output} ({stats['padded']} padded with random negatives)"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Everything torch.distributed in one place: process group set-up, cross-device negatives, gradient sync.
+"""Everything torch.distributed in one place: process group set-up, cross-device negatives, gradient sync,
+and the few collectives that let ranks share work on disk (``on_main``, ``gather_objects``, ``raise_if_any``).
 
 How gradients stay exact (docs/design.md, "Distributed"). Every rank gathers every rank's query
 representations (small) with an autograd function, scores its own passages against all of them, and
@@ -14,11 +15,14 @@ and no per-sub-batch synchronisation exists that would need ``no_sync``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import pickle
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +31,7 @@ from m3embed.losses import BatchScores, LossOutput, M3Objective, contrastive_los
 from m3embed.reps import M3Reps
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,9 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+ONE_PROCESS = DistInfo()  # the default of functions that can share their work among ranks
 
 
 def init_from_env(timeout_s: float = 600.0, backend: str | None = None) -> DistInfo:
@@ -60,6 +68,70 @@ def init_from_env(timeout_s: float = 600.0, backend: str | None = None) -> DistI
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+@contextlib.contextmanager
+def process_group(timeout_s: float = 600.0) -> Iterator[DistInfo]:
+    """:func:`init_from_env` for the length of a ``with`` block, left at its end if the block joined it.
+
+    A group joined before (a training run whose rank 0 evaluates) is kept; one process gets
+    ``DistInfo()`` and no group.
+    """
+    joined = not (dist.is_available() and dist.is_initialized())
+    info = init_from_env(timeout_s)
+    try:
+        yield info
+    finally:
+        if joined and info.enabled:
+            dist.destroy_process_group()
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T:
+    """``fn()`` run by rank 0 alone; every rank returns its result, or raises the exception it raised.
+
+    The others wait for rank 0 (a broadcast), so this is also a barrier; one process just calls ``fn``.
+    Rank 0's exception reaches every rank, so none goes on to wait for it at a later collective.
+    """
+    if not info.enabled:
+        return fn()
+    outcome: list[Any] = [None]
+    if info.is_main:
+        try:
+            outcome[0] = (fn(), None)
+        except Exception as err:  # re-raised below on every rank, rank 0 included
+            outcome[0] = (None, err if _picklable(err) else RuntimeError(f"rank 0 failed: {err!r}"))
+    dist.broadcast_object_list(outcome, src=0)
+    result, error = outcome[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _picklable(obj: object) -> bool:
+    try:
+        pickle.loads(pickle.dumps(obj))
+    except Exception:
+        return False
+    return True
+
+
+def gather_objects(obj: T, info: DistInfo) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_if_any(problem: str | None, info: DistInfo) -> None:
+    """Raise ``ValueError`` on every rank if any rank found a problem (``None``: this rank found none).
+
+    A check that only some ranks fail would leave the others waiting at the next collective.
+    """
+    found = [p for p in gather_objects(problem, info) if p]
+    if found:
+        raise ValueError("; ".join(found))
 
 
 class _GatherCat(torch.autograd.Function):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from m3embed.beir import BeirFolder, Document, Query, read_corpus, read_qrels, read_queries
+from m3embed.distributed import ONE_PROCESS, DistInfo
 from m3embed.eval_defaults import EVAL_DEFAULTS
-from m3embed.index import IndexOptions, encode_corpus, model_name
+from m3embed.index import IndexOptions, encode_corpus, index_folder, model_name
 from m3embed.model import M3Model
 from m3embed.scores import DEFAULT_WEIGHTS, MODES, OUTPUTS, check_modes
 from m3embed.search import Run, Searcher, SearchOptions, outputs_needed
@@ -74,9 +74,11 @@ def evaluate_beir(
     seed: int = EVAL_DEFAULTS.seed,
     index_dir: str | os.PathLike | None = None,
     dtype: str = "float32",
+    shard_size: int = IndexOptions.shard_size,
     show_progress_bar: bool = False,
     return_runs: bool = False,
-) -> dict[str, Any]:
+    ranks: DistInfo = ONE_PROCESS,
+) -> dict[str, Any] | None:
     """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
 
     Unset settings are :data:`m3embed.eval_defaults.EVAL_DEFAULTS`, the ones the demo and
@@ -88,7 +90,10 @@ def evaluate_beir(
     ``info["skipped_modes"]``. Only the outputs the requested modes need are encoded and stored
     (:func:`m3embed.search.outputs_needed`; for ``modes=("colbert",)`` the ColBERT candidates then come
     from the dense top-N alone). ``index_dir`` keeps the encoded corpus there (resumable); by default it
-    goes to a temporary folder.
+    goes to a temporary folder; either way in shards of ``shard_size`` documents. With ``ranks`` (a
+    process group, as under ``torchrun``) every process encodes its share of the shards
+    (:func:`~m3embed.index.encode_corpus`); rank 0 then searches and scores alone, the other ranks
+    return None.
 
     Returns::
 
@@ -115,7 +120,7 @@ def evaluate_beir(
         n_docs,
         corpus_size,
     )
-    index_options = _index_options(modes, passage_max_length, batch_size, dtype)
+    index_options = _index_options(modes, passage_max_length, batch_size, dtype, shard_size)
     search_options = SearchOptions(
         top_k=top_k,
         candidates=candidates,
@@ -124,9 +129,12 @@ def evaluate_beir(
         batch_size=batch_size,
     )
     corpus = _Subset(paths.corpus, keep)
-    runs, skipped, seconds = _encode_and_search(
-        model, corpus, queries, modes, index_options, search_options, index_dir, show_progress_bar
+    searched = _encode_and_search(
+        model, corpus, queries, modes, index_options, search_options, index_dir, show_progress_bar, ranks
     )
+    if searched is None:
+        return None  # not rank 0: it helped encode
+    runs, skipped, seconds = searched
     metrics = {mode: compute_metrics(qrels, run) for mode, run in runs.items()}
     result: dict[str, Any] = {mode: means for mode, (means, _) in metrics.items()}
     result["per_language"] = _per_language(queries, {mode: per_q for mode, (_, per_q) in metrics.items()})
@@ -153,12 +161,15 @@ def evaluate_beir(
     return result
 
 
-def _index_options(modes: Sequence[str], max_length: int, batch_size: int, dtype: str) -> IndexOptions:
+def _index_options(
+    modes: Sequence[str], max_length: int, batch_size: int, dtype: str, shard_size: int
+) -> IndexOptions:
     """Index options storing only the outputs ``modes`` read (ColBERT vectors are by far the largest)."""
     needed = outputs_needed(modes)
     return IndexOptions(
         max_length=max_length,
         batch_size=batch_size,
+        shard_size=shard_size,
         dtype=dtype,  # type: ignore[arg-type]
         **{output: output in needed for output in OUTPUTS},
     )
@@ -173,15 +184,18 @@ def _encode_and_search(
     search_options: SearchOptions,
     index_dir: str | os.PathLike | None,
     show_progress_bar: bool,
-) -> tuple[dict[str, Run], list[str], dict[str, float]]:
+    ranks: DistInfo,
+) -> tuple[dict[str, Run], list[str], dict[str, float]] | None:
     """Encode ``corpus`` into ``index_dir`` (default: a temporary folder) and search it in ``modes``.
 
-    Returns ``{mode: run}`` of the modes the model supports, the modes skipped, and the seconds spent.
+    Returns ``{mode: run}`` of the modes the model supports, the modes skipped, and the seconds spent;
+    None on ranks other than 0 (they only encode).
     """
-    with tempfile.TemporaryDirectory(prefix="m3embed-eval-") as tmp:
-        out = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
+    with index_folder(index_dir, "m3embed-eval-", ranks) as out:
         started = time.perf_counter()
-        encode_corpus(model, corpus, out, index_options, show_progress_bar=show_progress_bar)
+        encode_corpus(model, corpus, out, index_options, show_progress_bar=show_progress_bar, ranks=ranks)
+        if not ranks.is_main:
+            return None
         encoded = time.perf_counter()
         searcher = Searcher(out, model, search_options)
         run_modes = [m for m in modes if m in searcher.modes]

@@ -8,6 +8,7 @@ Layout of an index folder::
     shard-00000/sparse.npz        (n, vocab) scipy.sparse CSR, float32 lexical weights
     shard-00000/colbert.npy       (tokens, C) all ColBERT vectors of the shard, packed
     shard-00000/colbert_offsets.npy  (n + 1,) int64: document i owns rows offsets[i]:offsets[i+1]
+    shard-00000/shard.json        the shard's manifest record (documents, vectors, hash of its documents)
     shard-00001/...
 
 Before anything is written the whole corpus is read once: every line is checked (a bad line fails in
@@ -17,18 +18,26 @@ changed.
 
 Shard ``k`` always holds documents ``[k·shard_size, (k+1)·shard_size)`` of the corpus, so a run that
 was interrupted resumes from its last finished shard: a shard is written to ``shard-0000k.tmp``,
-renamed when complete, and only then recorded in the manifest. Anything not in the manifest is redone.
-The corpus is read as a stream (one shard in memory); within a shard ``M3Model.encode`` sorts the
-texts by length so batches carry little padding.
+renamed when complete, and only then recorded in the manifest. A finished shard folder carries its own
+record (``shard.json``), so a shard finished after the last manifest write is kept too; anything else
+is redone. The corpus is read as a stream (one shard in memory); within a shard ``M3Model.encode``
+sorts the texts by length so batches carry little padding.
+
+Several processes (``torchrun ... -m m3embed encode``) share one index: rank 0 prepares the folder,
+every process encodes its turn of the shards left to do and writes them itself, and rank 0 writes the
+one manifest when all are done. Resuming reads the shard records, so it does not matter which process
+died, nor how many processes the next run has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from m3embed.beir import Document, read_corpus
+from m3embed.distributed import ONE_PROCESS, DistInfo, gather_objects, on_main, raise_if_any
 from m3embed.model import M3Model
 
 # scipy (the `search` extra) is imported where it is used, so that the CLI can read IndexOptions'
@@ -51,6 +61,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+SHARD_RECORD = "shard.json"  # in every finished shard folder: its entry of the manifest's "shards"
 FORMAT_VERSION = 1
 Dtype = Literal["float32", "float16"]
 DTYPES: tuple[str, ...] = get_args(Dtype)  # storage types of dense and ColBERT vectors
@@ -167,6 +178,7 @@ def encode_corpus(
     resume: bool = True,
     overwrite: bool = False,
     show_progress_bar: bool = True,
+    ranks: DistInfo = ONE_PROCESS,
 ) -> Path:
     """Encode a corpus into the index folder ``out_dir`` and return its path.
 
@@ -181,6 +193,10 @@ def encode_corpus(
     an existing index first. An index of another model, other options or another corpus file is an
     error (nothing is deleted unless ``overwrite``). The manifest's ``last_run`` says how many
     documents this call encoded and reused (see :func:`index_summary`).
+
+    ``ranks`` (:func:`m3embed.distributed.init_from_env`'s answer under ``torchrun``): every process
+    calls this with the same arguments and a folder they all reach; the shards to encode are dealt out
+    in turn, and every process returns once rank 0 has written the finished manifest.
     """
     started = time.perf_counter()
     options = (options or IndexOptions()).for_model(model)
@@ -190,25 +206,81 @@ def encode_corpus(
     if scan.documents == 0:
         where = f"{corpus}: the corpus file" if isinstance(corpus, str | os.PathLike) else "the corpus"
         raise ValueError(f"{where} has no documents; an index needs at least one")
-    manifest = _prepare_folder(out, _new_manifest(model, options, corpus, scan), resume, overwrite)
-
     shards = {f"shard-{k:05d}": digest for k, digest in enumerate(scan.shard_hashes)}  # name -> hash
-    kept = _keep_unchanged_shards(out, manifest, shards)
+    new = _new_manifest(model, options, corpus, scan)
+    manifest, kept = _prepare_index(out, new, shards, resume, overwrite, ranks)  # complete: False if not
     reused = manifest["counts"]["documents"]
+    own: list[dict[str, Any]] = []  # records of the shards this process encodes
     if len(kept) == len(shards) and manifest["complete"]:
         logger.info("%s is already complete (%d documents)", out, reused)
-        encoded = 0
     else:
-        manifest["complete"] = False
         if kept:
             logger.info("reusing %d finished shards (%d documents) of %s", len(kept), reused, out)
-        _encode_shards(model, documents(), out, manifest, options, shards, kept, show_progress_bar)
-        manifest["complete"] = True
-        encoded = scan.documents - reused
+        todo = [name for name in shards if name not in kept][ranks.rank :: ranks.world_size]  # dealt out
+        own = _encode_shards(
+            model, documents(), out, manifest, options, shards, set(todo), ranks, show_progress_bar
+        )
+    per_rank = gather_objects(own, ranks)  # in a process group: waits for every rank's last shard
+    manifest = on_main(lambda: _finish(out, manifest, per_rank, reused, started), ranks)
+    if manifest["last_run"]["encoded"]:
         logger.info("encoded %d documents into %s", manifest["counts"]["documents"], out)
-    manifest["last_run"] = _last_run(encoded, reused, started)
-    _write_manifest(out, manifest)
     return out
+
+
+def _prepare_index(
+    out: Path,
+    new: dict[str, Any],
+    shards: dict[str, str],
+    resume: bool,
+    overwrite: bool,
+    ranks: DistInfo,
+) -> tuple[dict[str, Any], set[str]]:
+    """Rank 0 readies the folder (:func:`_prepare_folder`, :func:`_keep_unchanged_shards`); every rank
+    gets the manifest to continue and the names of the shards kept.
+
+    In a process group every rank then checks that it sees the manifest rank 0 wrote (the same
+    folder) and that its model and corpus are rank 0's, so no rank writes shards another cannot use.
+    """
+
+    def prepare() -> tuple[dict[str, Any], set[str], dict[str, str]]:
+        manifest = _prepare_folder(out, new, resume, overwrite)
+        return manifest, _keep_unchanged_shards(out, manifest, shards), shards
+
+    manifest, kept, main_shards = on_main(prepare, ranks)
+    if ranks.enabled:
+        problem = None
+        if not (out / MANIFEST).is_file():
+            problem = (
+                f"rank {ranks.rank} does not see {out / MANIFEST}, which rank 0 wrote: every process must "
+                "reach the index folder (on several machines: a shared filesystem; for eval and mine "
+                "pass --index-dir on one)"
+            )
+        elif new["model"]["fingerprint"] != manifest["model"]["fingerprint"]:
+            problem = f"rank {ranks.rank} loaded another model than rank 0 ({new['model']['fingerprint']})"
+        elif shards != main_shards:
+            problem = f"rank {ranks.rank} reads other documents from the corpus than rank 0"
+        raise_if_any(problem, ranks)
+    return manifest, kept
+
+
+def _finish(
+    out: Path, manifest: dict[str, Any], per_rank: list[list[dict[str, Any]]], reused: int, started: float
+) -> dict[str, Any]:
+    """Rank 0's last step: record every rank's shards (``per_rank``) in the manifest and mark it complete."""
+    for rank, records in enumerate(per_rank):
+        missing = [r["name"] for r in records if not (out / r["name"] / SHARD_RECORD).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{out / missing[0]}: rank {rank} wrote this shard but rank 0 does not see it; every "
+                "process must write to the same folder (on several machines: a shared filesystem)"
+            )
+        _add_shards(manifest, records)
+    n_shards = -(-manifest["corpus"]["documents"] // manifest["options"]["shard_size"])
+    assert len(manifest["shards"]) == n_shards, (len(manifest["shards"]), n_shards)
+    manifest["complete"] = True
+    manifest["last_run"] = _last_run([sum(r["documents"] for r in rs) for rs in per_rank], reused, started)
+    _write_manifest(out, manifest)
+    return manifest
 
 
 def _new_manifest(model: M3Model, options: IndexOptions, corpus: Any, scan: CorpusScan) -> dict[str, Any]:
@@ -259,35 +331,50 @@ def _encode_shards(
     manifest: dict[str, Any],
     options: IndexOptions,
     shards: dict[str, str],
-    kept: set[str],
+    todo: set[str],
+    ranks: DistInfo,
     show_progress_bar: bool,
-) -> None:
-    """Encode every shard of ``shards`` (name -> hash of its documents) not in ``kept``, recording each
-    in the manifest (on disk) as it finishes; ``docs`` is the whole corpus."""
+) -> list[dict[str, Any]]:
+    """Encode the shards named in ``todo``; return their records.
+
+    ``docs`` is the whole corpus and ``shards`` maps every shard's name to the hash of its documents,
+    in corpus order. One process records each shard in the manifest as it finishes; in a process group
+    rank 0 records them all at the end. The bar (rank 0's) counts the documents already in the index
+    and its own.
+    """
+    n, size = manifest["corpus"]["documents"], options.shard_size
+    reused = manifest["counts"]["documents"]
+    show_progress_bar = show_progress_bar and ranks.is_main
     bar = tqdm(
-        total=manifest["corpus"]["documents"],
-        initial=manifest["counts"]["documents"],
+        total=reused + sum(min(size, n - k * size) for k, name in enumerate(shards) if name in todo),
+        initial=reused,
         desc="Encoding corpus",
         unit="doc",
         disable=not show_progress_bar,
     )
+    records: list[dict[str, Any]] = []
     for name, digest in shards.items():
-        chunk = list(islice(docs, options.shard_size))
-        if name in kept:
+        if len(records) == len(todo):
+            break
+        chunk = list(islice(docs, size))
+        if name not in todo:
             continue
-        n_vectors = _write_shard(model, chunk, out / name, options, manifest["vocab_size"], show_progress_bar)
-        record = {
-            "name": name,
-            "documents": len(chunk),
-            "colbert_vectors": n_vectors,
-            "title_only": sum(d.title_only for d in chunk),
-            "sha256": digest,
-        }
-        manifest["shards"] = sorted([*manifest["shards"], record], key=lambda s: s["name"])
-        manifest["counts"] = _counts(manifest["shards"])
-        _write_manifest(out, manifest)
+        records.append(
+            _write_shard(model, chunk, out / name, digest, options, manifest["vocab_size"], show_progress_bar)
+        )
+        if not ranks.enabled:
+            _add_shards(manifest, records[-1:])
+            _write_manifest(out, manifest)
         bar.update(len(chunk))
     bar.close()
+    return records
+
+
+def _add_shards(manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """Record finished shards in ``manifest`` (a shard recorded again replaces its old record)."""
+    by_name = {s["name"]: s for s in [*manifest["shards"], *records]}
+    manifest["shards"] = [by_name[name] for name in sorted(by_name)]
+    manifest["counts"] = _counts(manifest["shards"])
 
 
 def _reiterable(corpus: str | os.PathLike | Iterable[Document]) -> Callable[[], Iterator[Document]]:
@@ -310,8 +397,12 @@ def _counts(shards: list[dict[str, Any]]) -> dict[str, int]:
     return {key: sum(s.get(key, 0) for s in shards) for key in ("documents", "colbert_vectors", "title_only")}
 
 
-def _last_run(encoded: int, reused: int, started: float) -> dict[str, Any]:
-    return {"encoded": encoded, "reused": reused, "seconds": round(time.perf_counter() - started, 2)}
+def _last_run(encoded_by_rank: list[int], reused: int, started: float) -> dict[str, Any]:
+    seconds = round(time.perf_counter() - started, 2)
+    run = {"encoded": sum(encoded_by_rank), "reused": reused, "seconds": seconds}
+    if len(encoded_by_rank) > 1:
+        run["encoded_by_rank"] = encoded_by_rank
+    return run
 
 
 def _check_resumable(out: Path, new: dict[str, Any]) -> dict[str, Any]:
@@ -341,16 +432,18 @@ def _check_resumable(out: Path, new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep_unchanged_shards(out: Path, manifest: dict[str, Any], wanted: dict[str, str]) -> set[str]:
-    """Drop from ``manifest`` (and disk) every shard that is not in ``wanted`` with the same hash.
+    """Keep in ``manifest`` every finished shard that is in ``wanted`` with the same hash; drop the rest
+    from the manifest and from disk.
 
-    ``wanted`` maps shard name -> hash of the documents the corpus now puts in that shard. Returns the
-    names of the shards kept. The manifest is written before any folder is removed, so it never lists
-    a shard that is gone.
+    ``wanted`` maps shard name -> hash of the documents the corpus now puts in that shard. Finished
+    shards are the manifest's and those whose folder has a record but that the manifest does not list
+    yet (written by a process of a run that stopped before its manifest was). Returns the names of
+    the shards kept. The manifest is written before any folder is removed, so it never lists a shard
+    that is gone.
     """
-    kept = [
-        s for s in manifest["shards"] if s.get("sha256") is not None and wanted.get(s["name"]) == s["sha256"]
-    ]
-    changed = sorted(s["name"] for s in manifest["shards"] if s not in kept)
+    finished = manifest["shards"] + _unlisted_shards(out, manifest)
+    kept = [s for s in finished if s.get("sha256") is not None and wanted.get(s["name"]) == s["sha256"]]
+    changed = sorted(s["name"] for s in finished if s not in kept)
     if changed:
         logger.info(
             "%d finished shards of %s hold documents that changed since (first: %s); encoding them again",
@@ -360,7 +453,7 @@ def _keep_unchanged_shards(out: Path, manifest: dict[str, Any], wanted: dict[str
         )
     if changed or len(kept) != len(wanted):
         manifest["complete"] = False
-    manifest["shards"] = kept
+    manifest["shards"] = sorted(kept, key=lambda s: s["name"])
     manifest["counts"] = _counts(kept)
     _write_manifest(out, manifest)
     names = {s["name"] for s in kept}
@@ -371,15 +464,33 @@ def _keep_unchanged_shards(out: Path, manifest: dict[str, Any], wanted: dict[str
     return names
 
 
+def _unlisted_shards(out: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of the finished shard folders of ``out`` that ``manifest`` does not list."""
+    listed = {s["name"] for s in manifest["shards"]}
+    found = []
+    for path in sorted(out.glob("shard-*")):
+        if path.name in listed or path.suffix == ".tmp" or not (path / SHARD_RECORD).is_file():
+            continue
+        with contextlib.suppress(ValueError):  # unreadable: treated as unfinished, hence removed
+            record = json.loads((path / SHARD_RECORD).read_text())
+            if isinstance(record, dict) and record.get("name") == path.name:
+                found.append(record)
+    return found
+
+
 def _write_shard(
     model: M3Model,
     docs: list[Document],
     path: Path,
+    digest: str,
     options: IndexOptions,
     n_cols: int,
     show_progress_bar: bool,
-) -> int:
-    """Encode one shard into ``path`` (via ``path.tmp`` and a rename); return its ColBERT vector count."""
+) -> dict[str, Any]:
+    """Encode one shard into ``path`` (via ``path.tmp`` and a rename); return its manifest record.
+
+    ``digest`` is the hash of its documents; the record is also written into the folder, last.
+    """
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -408,8 +519,16 @@ def _write_shard(
         n_vectors = int(offsets[-1])
         np.save(tmp / "colbert.npy", np.concatenate(vecs).astype(options.dtype))
         np.save(tmp / "colbert_offsets.npy", offsets)
+    record = {
+        "name": path.name,
+        "documents": len(docs),
+        "colbert_vectors": n_vectors,
+        "title_only": sum(d.title_only for d in docs),
+        "sha256": digest,
+    }
+    (tmp / SHARD_RECORD).write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
-    return n_vectors
+    return record
 
 
 def lexical_weights_to_csr(weights: Sequence[dict[str, float]], n_cols: int) -> sp.csr_matrix:
@@ -454,14 +573,19 @@ def index_summary(index_dir: str | os.PathLike) -> str:
     """One line about an index folder and the run that last wrote it (documents, shards, size, time).
 
     E.g. ``runs/index: 40 documents (12 encoded, 28 reused) in 3 shards, 1.2 MiB, 3.4 s; 2 documents
-    had no text; encoded from their title``.
+    had no text; encoded from their title``; after several processes ``(40 encoded by 2 processes:
+    20 + 20)``.
     """
     path = Path(index_dir)
     manifest = read_manifest(path)
     counts, run = manifest["counts"], manifest.get("last_run", {})
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     line = f"{path}: {counts['documents']} documents"
-    if run.get("reused"):
+    by_rank = run.get("encoded_by_rank")
+    if by_rank:
+        reused = f", {run['reused']} reused" if run.get("reused") else ""
+        line += f" ({run['encoded']} encoded by {len(by_rank)} processes: {' + '.join(map(str, by_rank))}{reused})"
+    elif run.get("reused"):
         line += f" ({run['encoded']} encoded, {run['reused']} reused)"
     n_shards = len(manifest["shards"])
     line += f" in {n_shards} shard{'s' if n_shards > 1 else ''}, {_human_bytes(size)}"
@@ -471,6 +595,23 @@ def index_summary(index_dir: str | os.PathLike) -> str:
         n = counts["title_only"]
         line += f"; {n} document{'s' if n > 1 else ''} had no text; encoded from {'their' if n > 1 else 'its'} title"
     return line
+
+
+@contextlib.contextmanager
+def index_folder(
+    index_dir: str | os.PathLike | None, prefix: str, ranks: DistInfo = ONE_PROCESS
+) -> Iterator[Path]:
+    """``index_dir``, or else a temporary folder deleted at the end of the ``with`` block.
+
+    In a process group the temporary folder is rank 0's and every rank gets its path: on one machine
+    they share it; ranks on other machines need an ``index_dir`` they all reach (encoding says so).
+    """
+    if index_dir is not None:
+        yield Path(index_dir)
+        return
+    with contextlib.ExitStack() as stack:
+        tmp = on_main(lambda: stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)), ranks)
+        yield Path(tmp) / "index"
 
 
 def _human_bytes(n: float) -> str:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from m3embed.beir import parse_json_line, read_corpus, read_lines
-from m3embed.index import IndexOptions, encode_corpus
+from m3embed.distributed import ONE_PROCESS, DistInfo
+from m3embed.index import IndexOptions, encode_corpus, index_folder
 from m3embed.model import M3Model
 from m3embed.scores import check_modes
 from m3embed.search import Searcher, SearchOptions
@@ -41,6 +41,7 @@ class MineOptions:
     query_max_length: int = 128
     passage_max_length: int = 512
     batch_size: int = 32
+    shard_size: int = IndexOptions.shard_size  # index shard: unit of resuming and of sharing out encoding
     seed: int = 0  # seeds the sampling of negatives
     queries_per_search: int = 1024  # lines searched at once (bounds memory on big training files)
 
@@ -77,13 +78,16 @@ def mine_hard_negatives(
     *,
     index_dir: str | os.PathLike | None = None,
     show_progress_bar: bool = False,
-) -> dict[str, int]:
+    ranks: DistInfo = ONE_PROCESS,
+) -> dict[str, int] | None:
     """Write ``out_path``: the lines of ``train_path`` with negatives mined from ``corpus``.
 
     Every input is read and checked before the corpus is encoded: the training file, then the corpus.
     The output is written to a temporary file next to ``out_path`` and renamed when complete, so a
     failed or interrupted run leaves no partial output (and an earlier ``out_path`` untouched).
     Returns counts: ``{"lines", "padded"}`` (``padded`` = lines that needed random negatives).
+    With ``ranks`` (a process group, as under ``torchrun``) every process encodes its share of the
+    corpus; rank 0 then mines alone, and the other ranks return None.
     """
     options = options or MineOptions()
     train_path, out_path = Path(train_path), Path(out_path)
@@ -93,14 +97,23 @@ def mine_hard_negatives(
     n_lines = sum(1 for _ in read_train_lines(train_path))
     if not n_lines:
         raise ValueError(f"{train_path}: the training file has no lines")
-    texts = [doc.text for doc in read_corpus(corpus)]  # texts of the negatives written out
-    if not texts:
+    if ranks.is_main:
+        texts = [doc.text for doc in read_corpus(corpus)]  # texts of the negatives written out
+        n_docs = len(texts)
+    else:  # reads it all too: every rank stops at a bad line before any waits for another
+        texts, n_docs = [], sum(1 for _ in read_corpus(corpus))
+    if not n_docs:
         raise ValueError(f"{corpus}: the corpus has no documents")
-    with tempfile.TemporaryDirectory(prefix="m3embed-mine-") as tmp:
+    with index_folder(index_dir, "m3embed-mine-", ranks) as index:
         # 2. Encode the corpus.
-        index = Path(index_dir) if index_dir is not None else Path(tmp) / "index"
-        index_options = IndexOptions(max_length=options.passage_max_length, batch_size=options.batch_size)
-        encode_corpus(model, corpus, index, index_options, show_progress_bar=show_progress_bar)
+        index_options = IndexOptions(
+            max_length=options.passage_max_length,
+            batch_size=options.batch_size,
+            shard_size=options.shard_size,
+        )
+        encode_corpus(model, corpus, index, index_options, show_progress_bar=show_progress_bar, ranks=ranks)
+        if not ranks.is_main:
+            return None  # it helped encode
         search_options = SearchOptions(
             top_k=options.rank_range[1],
             candidates=max(100, options.rank_range[1]),
