@@ -112,12 +112,14 @@ class RunReports:
         missing = {extra: wanted[extra] for extra in wanted if not _importable(wanted[extra][0])}
         if missing:
             modules = [module for module, _ in missing.values()]
+            later = ", and `m3embed plot` draws it once matplotlib is there" if "plot" in missing else ""
             logger.warning(
                 "no %s: %s not installed (pip install 'm3embed[%s]'); training goes on, train_log.jsonl "
-                "has every number and `m3embed plot` draws it once matplotlib is there",
+                "has every number%s",
                 " and no ".join(what for _, what in missing.values()),
                 " and ".join(modules) + (" is" if len(modules) == 1 else " are"),
                 ",".join(missing),
+                later,
             )
         reports = cls(plot="plot" not in missing)
         if report_to == "tensorboard" and "tensorboard" not in missing:
@@ -209,17 +211,19 @@ def plot_run(
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
+        from matplotlib.ticker import LogFormatter, MaxNLocator
     except ImportError:
         raise MissingExtra("plotting needs matplotlib: pip install 'm3embed[plot]'") from None
     panels = 1 + bool(drawn.evals)
     # A Figure with its own Agg canvas: no pyplot, so no display and no global backend switch.
     fig = Figure(figsize=(6.4 * panels, 4.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = fig.subplots(1, panels, squeeze=False, sharex=True)[0]  # the same steps side by side
     _draw(axes[0], drawn.losses, "training loss and its parts", "loss", marker=None)
     if all(v > 0 for _, values in drawn.losses.values() for v in values):
         axes[0].set_yscale("log")  # the parts differ by orders of magnitude (sparse vs the rest)
+        axes[0].yaxis.set_major_formatter(LogFormatter())  # 0.6, 2, 30 rather than 6x10^-1
+        axes[0].yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))  # labels few decades only
     if drawn.evals:
         _draw(axes[1], drawn.evals, "evaluation per output", "nDCG@10", marker="o")
     for ax in axes:
