@@ -42,6 +42,21 @@ def write_lines(path, n=N_LINES, seed=0):
     return str(path)
 
 
+def write_beir(folder):
+    """A 6-document, 2-query BEIR folder (split test) for evaluation during training."""
+    (folder / "qrels").mkdir(parents=True)
+    docs = sample_texts(6, seed=5, min_words=4, max_words=20)
+    queries = sample_texts(2, seed=6, min_words=2, max_words=5)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(docs))
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(queries))
+    )
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\t1\n")
+    return folder
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
@@ -185,17 +200,7 @@ def test_step_metrics_are_logged(tmp_path, model_dir, data_file):
 
 def test_evaluation_during_training_reports_every_output(tmp_path, model_dir, data_file):
     pytest.importorskip("ir_measures")
-    beir = tmp_path / "beir"
-    (beir / "qrels").mkdir(parents=True)
-    docs = sample_texts(6, seed=5, min_words=4, max_words=20)
-    queries = sample_texts(2, seed=6, min_words=2, max_words=5)
-    (beir / "corpus.jsonl").write_text(
-        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(docs))
-    )
-    (beir / "queries.jsonl").write_text(
-        "".join(json.dumps({"_id": f"q{i}", "text": t}) + "\n" for i, t in enumerate(queries))
-    )
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td3\t1\n")
+    beir = write_beir(tmp_path / "beir")
     result = train(
         run_config(model_dir, data_file, tmp_path / "run", max_steps=2, eval_data=str(beir), eval_steps=1)
     )

@@ -1,4 +1,4 @@
-"""Command line: ``m3embed train | encode | search | eval | mine``. Argument parsing -> config -> call."""
+"""Command line: ``m3embed train | plot | encode | search | eval | mine``. Arguments -> config -> call."""
 
 from __future__ import annotations
 
@@ -70,8 +70,10 @@ examples:
 Output (in --output-dir): checkpoint-<step>/ (a BGE-M3-layout model plus optimizer, scheduler, RNG and
 sampler state and train_config.json), latest (name of the newest checkpoint), train_log.jsonl (one
 JSON object per step: every loss part, lr, grad_norm, queries/s, tokens/s, peak memory; and per
-evaluation). Bad input (config values, training data lines) is reported before training starts, as one
-line, exit status 2."""
+evaluation), train_log.png (loss parts and nDCG@10 per output; needs the 'plot' extra; `m3embed plot
+RUN_DIR` draws it for any run, also one still going) and, with --report-to tensorboard, tensorboard/
+(the same numbers as TensorBoard scalars: tensorboard --logdir <output-dir>/tensorboard). Bad input
+(config values, training data lines) is reported before training starts, as one line, exit status 2."""
 
 _TRAIN_SECTIONS = {
     "train": "model, optimiser, run length, checkpoints, evaluation (section 'train')",
@@ -225,6 +227,28 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train(config)
     if rank == 0:
         print(format_summary(result))
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    from m3embed.report import PLOT_FILE, MissingExtra
+
+    p = sub.add_parser(
+        "plot",
+        help="draw a training run's loss parts and evaluation curves into a PNG",
+        description="Plot train_log.jsonl of a training run, finished or still going: the loss and each "
+        "of its parts per step, nDCG@10 per output per evaluation (needs matplotlib: pip install "
+        "'m3embed[plot]').",
+    )
+    p.add_argument("run_dir", help="the run's --output-dir (or its train_log.jsonl)")
+    p.add_argument("--output", metavar="PNG", help=f"where to write the image (default RUN_DIR/{PLOT_FILE})")
+    p.set_defaults(func=_user_errors(_run_plot, MissingExtra))
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from m3embed.report import plot_run
+
+    print(f"plot: {plot_run(args.run_dir, args.output)}")
     return 0
 
 
@@ -449,13 +473,14 @@ def _quiet_unless_rank_0(rank: int) -> None:
         logging.getLogger("m3embed").setLevel(logging.WARNING)
 
 
-def _user_errors(run):
-    """Report bad input (missing file, bad line, mismatched index) as one line on stderr, exit status 2."""
+def _user_errors(run, *also: type[Exception]):
+    """Report bad input (missing file, bad line, mismatched index, and the errors ``also`` names) as one
+    line on stderr, exit status 2."""
 
     def wrapped(args: argparse.Namespace) -> int:
         try:
             return run(args)
-        except (FileNotFoundError, FileExistsError, ValueError) as err:
+        except (FileNotFoundError, FileExistsError, ValueError, *also) as err:
             rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") != "1" else None
             where = "" if rank is None else f" (rank {rank})"
             print(f"m3embed {args.command}: error{where}: {err}", file=sys.stderr)
@@ -630,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_plot(sub)
     _add_retrieval(sub)
     return parser
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 
 from m3embed import checkpoint as ckpt
-from m3embed import distributed
+from m3embed import distributed, report
 from m3embed.data import DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
 from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
@@ -191,6 +191,12 @@ class TrainConfig:
         bounds=AT_LEAST_1,
     )
     progress_bar: bool = setting(True, "tqdm progress bar on rank 0 (loss, queries/s, tokens/s, peak memory)")
+    report_to: report.ReportTo = setting(
+        "none",
+        "where every logged metric also goes (as HF TrainingArguments.report_to): 'tensorboard' = scalars "
+        f"in <output_dir>/{report.TENSORBOARD_DIR} (pip install 'm3embed[tensorboard]'); {LOG_FILE} and "
+        f"its plot {report.PLOT_FILE} are written either way",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -329,6 +335,7 @@ class TrainResult:
     seconds: float
     queries_per_second: float
     tokens_per_second: float
+    plot: Path | None = None  # train_log.png (rank 0 with matplotlib installed)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -392,7 +399,9 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
     log_file = run.log.path if run.log is not None else None
     result = meter.result(run.step, first_step, log_file, last_ckpt, eval_before, eval_after)
     if run.log is not None:
+        result.plot = run.log.reports.draw(run.log.path)
         run.log.write({"summary": _summary_dict(result)})
+        run.log.reports.close()
     return result
 
 
@@ -489,7 +498,9 @@ def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
     if info.is_main:
         if earlier_run:
             _delete_run(Path(tc.output_dir), earlier_run)
-        run.log = _JsonlLog(Path(tc.output_dir) / LOG_FILE)
+        resumed_at = run.step if resume_from is not None else None
+        reports = report.RunReports.start(tc.report_to, tc.output_dir, resumed_at)
+        run.log = _JsonlLog(Path(tc.output_dir) / LOG_FILE, reports)
         if resume_from is not None:
             run.log.write({"resumed_from": str(resume_from), "resumed_at_step": run.step})
     return run
@@ -750,7 +761,7 @@ def _evaluate(run: _Run) -> dict[str, float] | None:
 
 def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Path) -> None:
     now = config.to_dict()
-    ignore = {("train", k) for k in ("resume", "overwrite", "progress_bar", "device", "threads")}
+    ignore = {("train", k) for k in ("resume", "overwrite", "progress_bar", "device", "threads", "report_to")}
     changed = [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
         for section, values in now.items()
@@ -762,15 +773,17 @@ def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Pat
 
 
 class _JsonlLog:
-    """``train_log.jsonl``: one JSON object per step (and per evaluation); rank 0 only.
+    """``train_log.jsonl``: one JSON object per step (and per evaluation); rank 0 only. Every entry
+    also goes to the reporters of ``train.report_to`` (``reports``).
 
     Only ever appended to: a resumed run first writes ``{"resumed_from": ..., "resumed_at_step": k}``
     and goes on from step k + 1, so what the interrupted process logged after k stays in the file.
     :func:`read_log` reads it as one uninterrupted run.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, reports: report.RunReports) -> None:
         self.path = path
+        self.reports = reports
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def eval_at(self, step: int) -> dict[str, float] | None:
@@ -781,17 +794,24 @@ class _JsonlLog:
     def write(self, entry: Mapping[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
+        self.reports.write(entry)
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The entries of a ``train_log.jsonl`` as one uninterrupted run: at each resume marker, what the
-    interrupted process logged after the resumed step (and any earlier summary) is left out."""
+    interrupted process logged after the resumed step (and any earlier summary) is left out. A last
+    line without its newline (a running or killed process writing it) is left out too."""
     entries: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                if not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}, line {number}: not a JSON object ({err.msg})") from None
             if "resumed_at_step" in entry:
                 at = entry["resumed_at_step"]
                 entries = [e for e in entries if "summary" not in e and e.get("step", 0) <= at]
@@ -801,12 +821,13 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------- output folder
 def run_files(output_dir: str | os.PathLike) -> list[Path]:
-    """The files and folders of a training run in ``output_dir``: its log, ``latest``, checkpoints
-    (finished or half-written). Anything else in the folder is not the run's and is left alone."""
+    """The files and folders of a training run in ``output_dir``: its log, plot and TensorBoard folder,
+    ``latest``, checkpoints (finished or half-written). Anything else in the folder is not the run's
+    and is left alone."""
     out = Path(output_dir)
     if not out.is_dir():
         return []
-    names = (LOG_FILE, ckpt.LATEST, f".tmp-{ckpt.LATEST}")
+    names = (LOG_FILE, report.PLOT_FILE, report.TENSORBOARD_DIR, ckpt.LATEST, f".tmp-{ckpt.LATEST}")
     prefixes = (ckpt.PREFIX, ckpt.TMP_PREFIX, f".old-{ckpt.PREFIX}")
     return sorted(p for p in out.iterdir() if p.name in names or p.name.startswith(prefixes))
 
@@ -854,6 +875,7 @@ def _summary_dict(result: TrainResult) -> dict[str, Any]:
     out = asdict(result)
     out["checkpoint"] = str(result.checkpoint) if result.checkpoint else None
     out["log_file"] = str(result.log_file) if result.log_file else None
+    out["plot"] = str(result.plot) if result.plot else None
     out.pop("losses")
     return out
 
@@ -885,4 +907,6 @@ def format_summary(result: TrainResult) -> str:
         lines.append(f"checkpoint: {result.checkpoint}")
     if result.log_file:
         lines.append(f"log: {result.log_file}")
+    if result.plot:
+        lines.append(f"plot: {result.plot}")
     return "\n".join(lines)
