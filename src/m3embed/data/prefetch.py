@@ -1,9 +1,9 @@
 """BatchStream: the sampler's batches, epoch after epoch, made ready ahead of the step that needs them.
 
 Why a thread and not ``DataLoader`` workers: making a batch is reading a few lines at known offsets,
-drawing groups from a seeded NumPy generator and tokenising with a Rust fast tokenizer — milliseconds,
-mostly outside the GIL — against a step of tenths of a second to minutes. One thread does that while
-the step runs, at no cost in memory (worker processes would each import torch and hold a copy of the
+drawing groups from a seeded NumPy generator and tokenising with a Rust fast tokenizer (which
+releases the GIL) — tens of milliseconds against a step of tenths of a second to minutes. One thread
+does that while the step runs, at no cost in memory (worker processes would each import torch and hold a copy of the
 tokenizer, and the dataset and tokenizer would be pickled at every start). One producer filling a
 FIFO queue keeps the order of the batches, and nothing in it touches torch's RNG, so the batches,
 and with them the losses, are those of the synchronous loop.
