@@ -7,6 +7,8 @@ import gzip
 import json
 import logging
 import pickle
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from m3embed.data import (
+    BatchStream,
     DataConfig,
     DataError,
     SameDatasetBatchSampler,
@@ -360,6 +363,92 @@ def test_resume_mid_epoch_gives_identical_following_batches(three_files, stop_at
     if resumed.epoch < 2:
         rest += run_epoch(resumed)
     assert seen + rest == reference
+
+
+# ---------------------------------------------------------------------- prefetching
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "the prefetching thread did not get there in time"
+        time.sleep(0.01)
+
+
+def batch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "m3embed-batches"]
+
+
+def test_prefetched_batches_are_the_sampler_s_in_order_made_off_the_main_thread(three_files):
+    def make(indices, epoch):
+        return indices, threading.current_thread() is threading.main_thread()
+
+    reference = SameDatasetBatchSampler(three_files, 4, seed=3)
+    expected = [(e, b) for e in range(3) for b in run_epoch(reference)][:30]  # 2.5 epochs of 12 batches
+    sync = BatchStream(SameDatasetBatchSampler(three_files, 4, seed=3), make, prefetch=0)
+    ahead = BatchStream(SameDatasetBatchSampler(three_files, 4, seed=3), make, prefetch=3)
+    with sync, ahead:
+        made_here = [next(sync) for _ in range(30)]
+        made_ahead = [next(ahead) for _ in range(30)]
+    assert [(e, b) for e, (b, _) in made_here] == expected
+    assert [(e, b) for e, (b, _) in made_ahead] == expected
+    assert all(on_main for _, (_, on_main) in made_here)
+    assert not any(on_main for _, (_, on_main) in made_ahead)
+    assert not batch_threads()
+
+
+@pytest.mark.parametrize("consumed, where", [(0, (0, 0)), (5, (0, 5)), (12, (0, 12)), (14, (1, 2))])
+def test_stream_state_is_that_of_the_batches_consumed_not_of_those_made_ahead(three_files, consumed, where):
+    made: list[list[int]] = []
+
+    def make(indices, epoch):
+        made.append(indices)
+        return indices
+
+    reference = SameDatasetBatchSampler(three_files, 4, seed=3)
+    expected = run_epoch(reference) + run_epoch(reference)
+    sampler = SameDatasetBatchSampler(three_files, 4, seed=3)
+    with BatchStream(sampler, make, prefetch=4) as stream:
+        seen = [next(stream)[1] for _ in range(consumed)]
+        wait_until(lambda: len(made) >= consumed + 4)  # the thread is 4 batches ahead
+        state = json.loads(json.dumps(stream.state_dict()))  # as saved in a checkpoint
+        ahead = sampler.state_dict()
+    assert (ahead["epoch"], ahead["position"]) != (state["epoch"], state["position"])
+    assert (state["epoch"], state["position"]) == where
+    resumed = SameDatasetBatchSampler(three_files, 4, seed=3)
+    resumed.load_state_dict(state)
+    with BatchStream(resumed, make, prefetch=0) as rest:
+        assert seen + [next(rest)[1] for _ in range(24 - consumed)] == expected
+
+
+def test_an_error_making_a_batch_is_raised_where_that_batch_is_wanted(three_files):
+    def make(indices, epoch):
+        if indices == broken:
+            raise ValueError("cannot make this batch")
+        return indices
+
+    batches = run_epoch(SameDatasetBatchSampler(three_files, 4, seed=3))
+    broken = batches[3]
+    with BatchStream(SameDatasetBatchSampler(three_files, 4, seed=3), make, prefetch=2) as stream:
+        assert [next(stream)[1] for _ in range(3)] == batches[:3]
+        with pytest.raises(ValueError, match="cannot make this batch"):
+            next(stream)
+    assert not batch_threads()
+
+
+def test_closing_stops_a_thread_that_waits_on_a_full_queue(three_files):
+    made: list[list[int]] = []
+
+    def make(indices, epoch):
+        made.append(indices)
+        return indices
+
+    stream = BatchStream(SameDatasetBatchSampler(three_files, 4, seed=3), make, prefetch=1)
+    with stream:
+        next(stream)
+        wait_until(lambda: len(made) == 3)  # 1 consumed, 1 queued, 1 made and waiting for room
+        assert batch_threads()
+    assert not batch_threads() and len(made) == 3
+    with pytest.raises(RuntimeError, match="closed"):
+        next(stream)
 
 
 def test_load_state_dict_rejects_other_settings(three_files):

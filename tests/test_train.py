@@ -121,6 +121,23 @@ def test_resume_gives_the_uninterrupted_loss_sequence_and_weights(tmp_path, mode
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_a_prefetching_run_stopped_and_resumed_gives_the_uninterrupted_losses_exactly(
+    tmp_path, model_dir, data_file
+):
+    in_loop = train(run_config(model_dir, data_file, tmp_path / "in-loop", prefetch_batches=0))
+    full = train(run_config(model_dir, data_file, tmp_path / "full", prefetch_batches=3))
+    assert full.losses == in_loop.losses  # batches made ahead are the same batches
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):  # 3 batches made ahead: at step 3 the sampler is in epoch 1 already
+        train(run_config(model_dir, data_file, out, save_steps=3, prefetch_batches=3), on_step=kill_at(4))
+    saved = ckpt.load_training_state(out / "checkpoint-3")["trainer_state"]["sampler"]
+    assert (saved["epoch"], saved["position"]) == (0, 3)  # the batches trained on
+    resumed = train(run_config(model_dir, data_file, out, save_steps=3, prefetch_batches=3, resume="latest"))
+    assert resumed.losses == full.losses[3:]
+    assert logged_losses(out) == full.losses
+
+
 def test_strategies_give_the_same_loss_curve(tmp_path, model_dir, data_file):
     curves = {
         s: train(run_config(model_dir, data_file, tmp_path / s, strategy=s, max_steps=3)).losses
@@ -192,8 +209,10 @@ def test_step_metrics_are_logged(tmp_path, model_dir, data_file):
         "distill_colbert",
         "lr",
         "grad_norm",
+        "data_wait_s",
     ):
         assert key in step
+    assert 0 <= step["data_wait_s"] <= step["seconds"]
     assert step["queries_per_s"] > 0 and step["tokens_per_s"] > 0 and step["peak_rss_mb"] > 0
     assert "summary" in entries[-1]
 

@@ -216,15 +216,7 @@ class M3Model(nn.Module):
     # ------------------------------------------------------------------ inference API (FlagEmbedding's)
     def tokenize(self, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
         """Tokenise and pad ``texts`` to their own longest member (truncating at ``max_length``)."""
-        batch = self.tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return tokenize(self.tokenizer, texts, max_length)
 
     @torch.inference_mode()
     def encode(
@@ -362,6 +354,22 @@ def no_library_progress_bars():
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """:meth:`M3Model.tokenize` with a given tokenizer (e.g. a background thread's own copy).
+
+    Shapes: ``input_ids`` and ``attention_mask`` (len(texts), longest text in tokens, <= max_length).
+    """
+    batch = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> Path:

@@ -7,20 +7,23 @@ this file). They are logged at start and saved, resolved, inside every checkpoin
 The loop (see :func:`train`), per step:
 
 1. the sampler hands this rank its share of one global batch (same dataset file on every rank);
-2. ``build_batch`` draws the groups, the model's tokenizer turns them into tokens;
+2. ``build_batch`` draws the groups, the model's tokenizer turns them into tokens (steps 1-2 run
+   ``prefetch_batches`` ahead in a background thread, :class:`BatchStream`, while earlier steps train);
 3. ``train_step`` runs forward + backward under the memory strategy (cross-device negatives via
    ``CrossDeviceGather`` when there are several ranks);
 4. gradients are summed over ranks, clipped, and AdamW + the warm-up/linear-decay schedule step;
 5. rank 0 logs every loss part, the learning rate, throughput and peak memory (JSONL + progress bar),
    evaluates every ``eval_steps`` and saves a checkpoint every ``save_steps`` (and at the end).
 
-Resuming restores weights, optimizer, scheduler, sampler epoch/position and every rank's torch RNG
-state, so the loss sequence after ``--resume`` equals that of an uninterrupted run.
+Resuming restores weights, optimizer, scheduler, sampler epoch/position (of the batches trained on,
+not of those made ahead) and every rank's torch RNG state, so the loss sequence after ``--resume``
+equals that of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -38,11 +41,11 @@ import torch
 
 from m3embed import checkpoint as ckpt
 from m3embed import distributed, report
-from m3embed.data import DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
+from m3embed.data import BatchStream, DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
 from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
-from m3embed.model import M3Model, no_library_progress_bars
+from m3embed.model import M3Model, no_library_progress_bars, tokenize
 from m3embed.peak_memory import reset_rss_peak, rss_peak_bytes
 from m3embed.scores import MODES
 from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, POSITIVE, Bounds, build, check_fields, setting
@@ -189,6 +192,13 @@ class TrainConfig:
         "torch CPU threads (fewer than cores helps when the machine is shared); unset = torch's default",
         metavar="N",
         bounds=AT_LEAST_1,
+    )
+    prefetch_batches: int = setting(
+        2,
+        "batches read, sampled and tokenised ahead in a background thread while the current step runs "
+        "(0 = each batch is made in the loop, between steps); the batches and losses are the same",
+        metavar="N",
+        bounds=NON_NEGATIVE,
     )
     progress_bar: bool = setting(True, "tqdm progress bar on rank 0 (loss, queries/s, tokens/s, peak memory)")
     report_to: report.ReportTo = setting(
@@ -348,13 +358,8 @@ def train(config: RunConfig, *, on_step: StepCallback | None = None) -> TrainRes
 
     Bad data raises :class:`~m3embed.data.DataError` before the model is loaded.
     """
-    created_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    info = distributed.init_from_env(timeout_s=config.train.dist_timeout_s)
-    try:
+    with distributed.process_group(config.train.dist_timeout_s) as info:
         return _train(config, info, on_step)
-    finally:
-        if created_group and info.enabled:
-            torch.distributed.destroy_process_group()
 
 
 def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback | None) -> TrainResult:
@@ -369,29 +374,29 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
     meter.start_training(run.device)
     last_ckpt, eval_after = None, None
     bar = _progress(tc, info, run.total_steps, run.step)
-    with _logging_beside(bar):  # log lines (e.g. "saved checkpoint") above the bar, not inside it
+    # Log lines (e.g. "saved checkpoint") go above the bar, not inside it; leaving the block stops
+    # the thread that makes batches ahead.
+    with _logging_beside(bar), run.batch_stream() as batches:
         while run.step < run.total_steps:
-            epoch = run.sampler.epoch
-            for indices in run.sampler:
-                t0 = time.perf_counter()
-                # 1-2. This rank's share of the global batch, as tokens.
-                batch, queries, passages = run.next_batch(indices, epoch)
-                # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-                parts, grad_norm, lr = run.update(batch, queries, passages)
-                # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
-                done = run.step >= run.total_steps
-                base = {"step": run.step, "epoch": epoch, **parts, "lr": lr, "grad_norm": grad_norm}
-                metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
-                _show(metrics, run.log, bar)
-                if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
-                    eval_after = _evaluate(run)
-                    meter.after_evaluation()
-                if done or (tc.save_steps and run.step % tc.save_steps == 0):
-                    last_ckpt = _save(run)
-                if on_step is not None:
-                    on_step(run.step, metrics)
-                if done:
-                    break
+            t0 = time.perf_counter()
+            # 1-2. This rank's share of the next global batch, as tokens (made ahead when prefetching).
+            epoch, (batch, queries, passages) = next(batches)
+            data_wait_s = time.perf_counter() - t0
+            # 3-4. Forward + backward, gradient sum over ranks, clip, update.
+            parts, grad_norm, lr = run.update(batch, queries, passages)
+            # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
+            done = run.step >= run.total_steps
+            base = {"step": run.step, "epoch": epoch, **parts, "lr": lr, "grad_norm": grad_norm}
+            base["data_wait_s"] = round(data_wait_s, 4)
+            metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
+            _show(metrics, run.log, bar)
+            if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
+                eval_after = _evaluate(run)
+                meter.after_evaluation()
+            if done or (tc.save_steps and run.step % tc.save_steps == 0):
+                last_ckpt = _save(run, batches.state_dict())
+            if on_step is not None:
+                on_step(run.step, metrics)
     if bar is not None:
         bar.close()
     if last_ckpt is None and run.step > 0 and info.is_main:  # e.g. resumed at the end already
@@ -422,13 +427,25 @@ class _Run:
     step: int = 0
     log: _JsonlLog | None = None  # rank 0 only
 
-    def next_batch(self, indices: list[int], epoch: int):
-        """Steps 1-2: the groups of ``indices`` and their tokens (queries, passages)."""
+    def batch_stream(self) -> BatchStream:
+        """Steps 1-2 of every step to come: the sampler's next indices, their groups and their tokens
+        ``(batch, queries, passages)``, made ``prefetch_batches`` ahead by a background thread.
+
+        That thread tokenises with its own copy of the tokenizer: a fast tokenizer used by two threads
+        at once can fail ("Already borrowed"), and evaluation tokenises on this thread meanwhile.
+        """
         dc, tc = self.config.data, self.config.train
-        batch = build_batch(self.dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction)
-        queries = self.model.tokenize(batch.queries, tc.query_max_length)
-        passages = self.model.tokenize(batch.passages, tc.passage_max_length)
-        return batch, queries, passages
+        tokenizer = copy.deepcopy(self.model.tokenizer) if tc.prefetch_batches else self.model.tokenizer
+
+        def make(indices: list[int], epoch: int):
+            batch = build_batch(
+                self.dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction
+            )
+            queries = tokenize(tokenizer, batch.queries, tc.query_max_length)
+            passages = tokenize(tokenizer, batch.passages, tc.passage_max_length)
+            return batch, queries, passages
+
+        return BatchStream(self.sampler, make, tc.prefetch_batches)
 
     def update(self, batch, queries, passages) -> tuple[dict[str, float], float, float]:
         """Steps 3-4: forward + backward, gradient sum over ranks, clip, AdamW and schedule step.
@@ -677,8 +694,9 @@ def _progress(tc: TrainConfig, info: distributed.DistInfo, total: int, initial: 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _save(run: _Run) -> Path | None:
-    """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait for it."""
+def _save(run: _Run, sampler_state: dict[str, Any]) -> Path | None:
+    """Rank 0 writes the checkpoint (with every rank's RNG state and the sampler state of the batches
+    trained on, ``BatchStream.state_dict``); the others wait for it."""
     info, tc = run.info, run.config.train
     rng = ckpt.rng_state()
     if info.enabled:
@@ -695,7 +713,7 @@ def _save(run: _Run) -> Path | None:
                 model=run.model,
                 optimizer=run.optimizer,
                 scheduler=run.scheduler,
-                trainer_state={"world_size": info.world_size, "sampler": run.sampler.state_dict()},
+                trainer_state={"world_size": info.world_size, "sampler": sampler_state},
                 rng_states=states,
                 configs=run.config.to_dict(),
                 keep_last=tc.save_total_limit,
@@ -761,7 +779,16 @@ def _evaluate(run: _Run) -> dict[str, float] | None:
 
 def _warn_config_changes(saved: Mapping[str, Any], config: RunConfig, where: Path) -> None:
     now = config.to_dict()
-    ignore = {("train", k) for k in ("resume", "overwrite", "progress_bar", "device", "threads", "report_to")}
+    how_it_runs = (
+        "resume",
+        "overwrite",
+        "progress_bar",
+        "device",
+        "threads",
+        "report_to",
+        "prefetch_batches",
+    )
+    ignore = {("train", k) for k in how_it_runs}
     changed = [
         f"{section}.{key}: {saved[section].get(key)!r} -> {value!r}"
         for section, values in now.items()

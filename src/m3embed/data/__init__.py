@@ -7,14 +7,18 @@
   no positive passage twice in a batch.
 * :func:`build_batch` — the query and ``G`` passages (and teacher scores) of each index, as a
   :class:`TrainBatch`; deterministic in ``(seed, epoch, index)``.
+* :class:`BatchStream` — the sampler's batches made ready ahead of the step, in a background thread,
+  with the sampler position of the batches consumed (for checkpoints).
 """
 
 from m3embed.data.collate import Group, TrainBatch, build_batch, build_group
 from m3embed.data.config import DataConfig, DataError
 from m3embed.data.dataset import TrainDataset
+from m3embed.data.prefetch import BatchStream
 from m3embed.data.sampler import SameDatasetBatchSampler
 
 __all__ = [
+    "BatchStream",
     "DataConfig",
     "DataError",
     "Group",

@@ -49,9 +49,9 @@ class SameDatasetBatchSampler:
         drop_last: drop each (file, bucket)'s incomplete last batch (keeps batch sizes constant).
 
     Resuming: :meth:`state_dict` gives ``{"epoch", "position", ...}`` where ``position`` counts the
-    batches this sampler has handed out in the epoch. With a ``DataLoader`` that prefetches, the
-    sampler runs ahead of training, so a trainer should save ``{"epoch": e, "position": steps done in
-    epoch e}`` itself (or iterate the sampler directly); :meth:`load_state_dict` accepts that dict.
+    batches this sampler has handed out in the epoch. When batches are made ahead (``BatchStream``, or
+    a ``DataLoader`` that prefetches), the sampler runs ahead of training, so a trainer saves the
+    state of the batches it consumed (``BatchStream.state_dict``); :meth:`load_state_dict` accepts it.
     After a full pass the sampler moves to ``epoch + 1``, position 0; :meth:`set_epoch` with the
     current epoch keeps the position (so a loop calling ``set_epoch`` after a resume continues).
     """
