@@ -33,6 +33,7 @@ PLOT_FILE = "train_log.png"
 # Keys of a step entry that are not parts of the loss: the loop's bookkeeping, schedule and meters.
 _NOT_LOSS = {"step", "epoch", "lr", "grad_norm"} | {
     "seconds",
+    "data_wait_s",
     "queries_per_s",
     "tokens_per_s",
     "peak_rss_mb",
