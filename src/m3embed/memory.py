@@ -255,7 +255,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
 
     _backward_dot(kept.tensors(), columns_of(kept_rows))
     del kept
-    trim()
+    trim.now()  # the kept sub-batch's activations are dead: give their heap back before the re-encodes
     for rows, state in zip(replayed, p_states):
         with state:
             block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
