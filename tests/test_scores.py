@@ -73,14 +73,17 @@ def test_sparse_scores_hand_computed():
 
 # Lq·Lp = 45 similarities per pair: one block of everything; 1 query × 1 passage; 3 queries × 1 passage
 # (a ragged last query block); all 4 queries × 2 passages (a ragged last passage block).
+# dim 16 > Lp = 9: backward gathers C-long rows, so its blocks are cut smaller than forward's.
 @pytest.mark.parametrize("block", [S.DEFAULT_BLOCK_ELEMENTS, 50, 135, 360])
-def test_colbert_scores_equal_naive_with_padding_and_negative_similarities(block):
+@pytest.mark.parametrize("dim", [8, 16])
+def test_colbert_scores_equal_naive_with_padding_and_negative_similarities(block, dim):
     gen = torch.Generator().manual_seed(1)
-    q = torch.nn.functional.normalize(torch.randn(4, 5, 8, generator=gen), dim=-1)
-    p = torch.nn.functional.normalize(torch.randn(7, 9, 8, generator=gen), dim=-1)
+    q = torch.nn.functional.normalize(torch.randn(4, 5, dim, generator=gen), dim=-1)
+    p = torch.nn.functional.normalize(torch.randn(7, 9, dim, generator=gen), dim=-1)
     q_mask, p_mask = ragged_mask(4, 5, gen), ragged_mask(7, 9, gen)
     # one passage whose every similarity with query 0 is negative: padding must not turn that into 0
-    p[3] = -q[0, 0]
+    # (slightly different tokens: exact ties would let either of two equal tokens take the gradient)
+    p[3] = torch.nn.functional.normalize(-q[0, 0] + 0.05 * torch.randn(9, dim, generator=gen), dim=-1)
     q[0] = q[0, :1].expand_as(q[0])
     q = (q * q_mask[..., None]).requires_grad_(True)
     p = (p * p_mask[..., None]).requires_grad_(True)
