@@ -99,6 +99,28 @@ def test_colbert_scores_equal_naive_with_padding_and_negative_similarities(block
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_colbert_adds_into_a_leafs_allocated_grad_in_place():
+    """The score-level cache's queries: a leaf with ``.grad`` allocated, scored against passage blocks
+    one after another, gets the same accumulated gradient as one backward through all the passages,
+    in the same storage (no second query-sized gradient)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(6, 5, 8, generator=gen, dtype=torch.float64)
+    p = torch.randn(10, 7, 8, generator=gen, dtype=torch.float64)
+    q_mask, p_mask = ragged_mask(6, 5, gen), ragged_mask(10, 7, gen)
+    upstream = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    q_ref = q.clone().requires_grad_(True)
+    (S.colbert_scores(q_ref, q_mask, p, p_mask) * upstream).sum().backward()
+
+    leaf = q.clone().requires_grad_(True)
+    leaf.grad = torch.zeros_like(leaf)
+    storage = leaf.grad.data_ptr()
+    for cols in (slice(0, 4), slice(4, 10)):
+        block = S.colbert_scores(leaf, q_mask, p[cols], p_mask[cols], block_elements=50)
+        (block * upstream[:, cols]).sum().backward()
+    assert leaf.grad.data_ptr() == storage
+    torch.testing.assert_close(leaf.grad, q_ref.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_colbert_pair_score_and_lexical_matching():
     q = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     p = np.array([[0.6, 0.8], [1.0, 0.0]], dtype=np.float32)

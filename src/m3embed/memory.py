@@ -235,6 +235,8 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     del q_parts
     q_all = objective.share(q)
     q_leaf = q_all.detach(requires_grad=True)  # collects dL/dq over every passage block of step (4)
+    for t in q_leaf.float_tensors().values():
+        t.grad = torch.zeros_like(t)  # allocated once, so a score function may add into it in place
 
     # Step (2): the score columns of every passage sub-batch against all queries (see _score_passages).
     *replayed, kept_rows = p_plan

@@ -100,23 +100,49 @@ def sparse_scores(
     """Lexical matching scores ``Σ_{t in q∩p} w_q(t)·w_p(t)`` with ``w(t)`` the max weight of token t.
 
     Weights are non-negative and zero where a position must not count (padding, special tokens).
-    Token ids are mapped to the batch's query vocabulary (passage tokens no query has cannot score).
+    Each query is pooled to one entry per distinct token (row, token, max weight): at most ``Bq·Lq``
+    entries, never a ``(Bq, vocabulary)`` matrix. Passages are pooled per token of the queries'
+    vocabulary (tokens no query has cannot score), a block of passages at a time, and each entry
+    gathers its token's passage weight, so one block holds ``b × (entries + query tokens)`` floats.
 
     Shapes: q_ids, q_weights (Bq, Lq); p_ids, p_weights (Bp, Lp) -> (Bq, Bp).
     """
-    vocab, q_local = torch.unique(q_ids, return_inverse=True)  # (U,), (Bq, Lq)
+    rows, tokens, weights = _query_entries(q_ids, q_weights)  # (K,) each
+    vocab, entry_local = torch.unique(tokens, return_inverse=True)  # (U,), (K,)
     n_local = vocab.numel()
     pos = torch.searchsorted(vocab, p_ids).clamp(max=n_local - 1)  # (Bp, Lp)
-    # Passage tokens outside the query vocabulary go to a dump column n_local, dropped after pooling.
+    # Passage tokens outside the query vocabulary go to a dump column n_local, which no entry reads.
     p_local = torch.where(vocab[pos] == p_ids, pos, torch.full_like(pos, n_local))
-    q_pooled = _max_pool(q_local, q_weights, n_local)  # (Bq, U)
 
-    block = max(1, block_elements // max(1, n_local + 1))
+    block = max(1, block_elements // (weights.numel() + n_local + 1))
     out = []
     for start in range(0, p_ids.shape[0], block):
         stop = start + block
-        out.append(_maybe_checkpoint(_sparse_block, q_pooled, p_local[start:stop], p_weights[start:stop]))
+        out.append(
+            _maybe_checkpoint(
+                _sparse_block,
+                weights,
+                p_local[start:stop],
+                p_weights[start:stop],
+                entry_local,
+                rows,
+                n_local,
+                q_ids.shape[0],
+            )
+        )
     return torch.cat(out, dim=1)
+
+
+def _query_entries(ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each query's distinct tokens with their max weight. Shapes: (Bq, Lq) -> rows, tokens, weights (K,)."""
+    span = int(ids.max()) + 1 if ids.numel() else 1
+    keys, entry = torch.unique(
+        torch.arange(ids.shape[0], device=ids.device)[:, None] * span + ids, return_inverse=True
+    )
+    pooled = weights.new_zeros(keys.numel()).scatter_reduce(
+        0, entry.reshape(-1), weights.reshape(-1), reduce="amax", include_self=True
+    )
+    return keys // span, keys % span, pooled
 
 
 def _max_pool(local_ids: torch.Tensor, weights: torch.Tensor, n_local: int) -> torch.Tensor:
@@ -125,10 +151,20 @@ def _max_pool(local_ids: torch.Tensor, weights: torch.Tensor, n_local: int) -> t
     return pooled.scatter_reduce(1, local_ids, weights, reduce="amax", include_self=True)
 
 
-def _sparse_block(q_pooled: torch.Tensor, p_local: torch.Tensor, p_weights: torch.Tensor) -> torch.Tensor:
-    n_local = q_pooled.shape[1]
-    p_pooled = _max_pool(p_local, p_weights, n_local + 1)[:, :n_local]  # (b, U)
-    return q_pooled @ p_pooled.T  # (Bq, b)
+def _sparse_block(
+    q_entries: torch.Tensor,
+    p_local: torch.Tensor,
+    p_weights: torch.Tensor,
+    entry_local: torch.Tensor,
+    entry_rows: torch.Tensor,
+    n_local: int,
+    n_queries: int,
+) -> torch.Tensor:
+    """Scores of every query against a block of passages. Shapes: q_entries (K,), p (b, Lp) -> (Bq, b)."""
+    p_pooled = _max_pool(p_local, p_weights, n_local + 1)  # (b, U + 1)
+    matched = p_pooled[:, entry_local] * q_entries  # (b, K): w_p(token of entry)·w_q(entry)
+    out = matched.new_zeros(p_pooled.shape[0], n_queries).index_add_(1, entry_rows, matched)
+    return out.T  # (Bq, b)
 
 
 def colbert_scores(
@@ -144,7 +180,13 @@ def colbert_scores(
     padding a batch has. The similarity tensor is built one block of queries × passages at a time
     (at most ``block_elements`` similarities, or one query × one passage), so its memory does not grow
     with either batch; only the argmax positions are kept for backward (int32, ``Bq·Lq·Bp`` of them),
-    which rebuilds each block's one-hot similarity gradient from them instead of recomputing it.
+    which gathers and scatters each block's gradient at them instead of recomputing the block.
+
+    When ``q_vecs`` is a leaf whose ``.grad`` is already allocated (the score-level cache's queries,
+    scored against one passage block after another), backward adds the queries' gradient into that
+    ``.grad`` in place, as autograd's own accumulation would, instead of returning a second
+    ``(Bq, Lq, C)`` tensor for autograd to add; ``torch.autograd.grad`` with respect to such a leaf
+    therefore sees no gradient (use ``.backward()``).
 
     Shapes: q_vecs (Bq, Lq, C), q_mask (Bq, Lq), p_vecs (Bp, Lp, C), p_mask (Bp, Lp) -> (Bq, Bp).
     """
@@ -185,6 +227,7 @@ class _MaxSim(torch.autograd.Function):
             argmax[qs, :, ps] = idx
         ctx.save_for_backward(q, q_mask, p, has_tokens, argmax)
         ctx.block_elements = block_elements
+        ctx.q_grad_in_place = q.is_leaf and q.grad is not None and q.grad.shape == q.shape
         return scores
 
     @staticmethod
@@ -198,7 +241,8 @@ class _MaxSim(torch.autograd.Function):
         # similarity gradient (Lp times more).
         weight = grad[:, None, :] * (q_mask / q_mask.sum(1, keepdim=True).clamp(min=1))[..., None]
         weight = weight * has_tokens  # (Bq, Lq, Bp)
-        grad_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+        in_place = ctx.q_grad_in_place and ctx.needs_input_grad[0] and not torch.is_grad_enabled()
+        grad_q = q.grad if in_place else torch.zeros_like(q) if ctx.needs_input_grad[0] else None
         grad_p = torch.zeros_like(p) if ctx.needs_input_grad[2] else None
         # gathered rows are C long where similarities were Lp long: the same memory per block
         for qs, ps in _sim_blocks(q, p, ctx.block_elements * lp // max(lp, c)):
@@ -213,14 +257,14 @@ class _MaxSim(torch.autograd.Function):
             if grad_p is not None:
                 contrib = (w[..., None] * q_block[:, :, None, :]).reshape(-1, c)  # (a·Lq·b, C)
                 grad_p[ps] += p.new_zeros(b * lp, c).index_add_(0, rows, contrib).view_as(p_block)
-        return grad_q, None, grad_p, None, None
+        return None if in_place else grad_q, None, grad_p, None, None
 
 
-def _maybe_checkpoint(fn, *tensors: torch.Tensor) -> torch.Tensor:
+def _maybe_checkpoint(fn, *args: torch.Tensor | int) -> torch.Tensor:
     """Run ``fn`` so that backward recomputes its intermediates rather than keeping them."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(fn, *tensors, use_reentrant=False)
-    return fn(*tensors)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 # ---------------------------------------------------------------------- single pairs (inference outputs)
