@@ -77,6 +77,9 @@ class M3Model(nn.Module):
         colbert_dim = hidden if self.config.colbert_dim == -1 else self.config.colbert_dim
         self.sparse_linear = nn.Linear(hidden, 1) if self.config.use_sparse else None
         self.colbert_linear = nn.Linear(hidden, colbert_dim) if self.config.use_colbert else None
+        # Heads with freshly initialised weights (from_pretrained removes those it loads from files):
+        # training starts them from the encoder (m3embed.heads) and may give them their own learning rate.
+        self.new_heads = {name for name in ("sparse", "colbert") if getattr(self, f"{name}_linear") is not None}
         ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS} - {None}
         self.register_buffer("special_ids", torch.tensor(sorted(ids), dtype=torch.long), persistent=False)
 
@@ -127,9 +130,9 @@ class M3Model(nn.Module):
         with no_library_progress_bars():
             backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
         model = cls(backbone, tokenizer, config)
-        for head, state, file in (
-            (model.colbert_linear, colbert_state, COLBERT_FILE),
-            (model.sparse_linear, sparse_state, SPARSE_FILE),
+        for name, head, state, file in (
+            ("colbert", model.colbert_linear, colbert_state, COLBERT_FILE),
+            ("sparse", model.sparse_linear, sparse_state, SPARSE_FILE),
         ):
             if head is None:
                 continue
@@ -137,6 +140,7 @@ class M3Model(nn.Module):
                 logger.warning("%s not found in %s: that head is freshly initialised", file, path)
             else:
                 head.load_state_dict(state)
+                model.new_heads.discard(name)
         if torch_dtype is not None:
             model.to(torch_dtype)
         if device is not None:

@@ -40,7 +40,7 @@ from typing import Any, Literal
 import torch
 
 from m3embed import checkpoint as ckpt
-from m3embed import distributed, report
+from m3embed import distributed, heads, report
 from m3embed.data import BatchStream, DataConfig, SameDatasetBatchSampler, TrainDataset, build_batch
 from m3embed.eval_defaults import EVAL_DEFAULTS
 from m3embed.losses import LossConfig
@@ -58,6 +58,11 @@ DEMO_DATA = Path(__file__).parent / "demo_data"
 
 
 # ---------------------------------------------------------------------- configs
+# Heads the model comes without learn at this multiple of the encoder's rate unless
+# --head-learning-rate says otherwise (docs/training.md, "Heads that learn": the ablation).
+NEW_HEAD_LR_SCALE = 20.0
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The optimiser, schedule, run length, checkpoints and evaluation of one training run.
@@ -115,6 +120,21 @@ class TrainConfig:
         128, "passage truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
     )
     freeze_encoder: bool = setting(False, "train only the sparse and ColBERT heads")
+    head_init: Literal["encoder", "random"] = setting(
+        "encoder",
+        "how heads the model comes without (no BGE-M3 head files) start: encoder = sparse fitted to the "
+        "training texts' IDF and ColBERT the identity (m3embed.heads); random = nn.Linear's (FlagEmbedding)",
+    )
+    head_learning_rate: float | None = setting(
+        None,
+        f"peak learning rate of the sparse and ColBERT heads; unset = {NEW_HEAD_LR_SCALE:g} x --learning-rate "
+        "for heads the model comes without, --learning-rate for heads loaded from it (FlagEmbedding)",
+        metavar="LR",
+        bounds=POSITIVE,
+    )
+    head_weight_decay: float | None = setting(
+        None, "AdamW weight decay of the heads' weights; unset = --weight-decay", bounds=NON_NEGATIVE
+    )
     save_steps: int = setting(
         0, "checkpoint every N steps (0 = only at the end)", metavar="N", bounds=NON_NEGATIVE
     )
@@ -504,7 +524,7 @@ def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
         logger.info("loss config: %s", json.dumps(asdict(config.loss)))
         if dataset.num_skipped:
             logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
-    model = _build_model(config, info, device, resume_from)
+    model = _build_model(config, info, device, resume_from, dataset)
     total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
     optimizer = _optimizer(model, tc)
     scheduler = _scheduler(optimizer, tc, total_steps)
@@ -524,13 +544,22 @@ def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
 
 
 def _build_model(
-    config: RunConfig, info: distributed.DistInfo, device: torch.device, resume_from: Path | None
+    config: RunConfig,
+    info: distributed.DistInfo,
+    device: torch.device,
+    resume_from: Path | None,
+    dataset: TrainDataset,
 ) -> M3Model:
-    """From the checkpoint when resuming (exact weights), else from the configured model; the same
-    start weights on every rank, a different dropout stream per rank."""
+    """From the checkpoint when resuming (exact weights), else from the configured model with its new
+    heads started from the encoder (``head_init``); the same start weights on every rank, a different
+    dropout stream per rank."""
     tc = config.train
     torch.manual_seed(tc.seed)
     model = _load_model(resume_from or tc.model_name_or_path, tc, config.loss, device)
+    if resume_from is None and tc.head_init == "encoder" and model.new_heads:
+        for line in heads.init_new_heads(model, dataset, tc.seed, tc.passage_max_length):
+            if info.is_main:
+                logger.info("%s", line)
     if tc.freeze_encoder:
         model.backbone.requires_grad_(False)
     model.train()
@@ -550,6 +579,13 @@ def _resume(run: _Run) -> None:
         )
     if run.info.is_main:
         _warn_config_changes(state["configs"], run.config, run.resume_from)
+    saved_groups = len(state["optimizer"]["param_groups"])
+    if saved_groups != len(run.optimizer.param_groups):
+        raise ValueError(
+            f"--resume {run.resume_from}: its optimizer state has {saved_groups} parameter groups, this "
+            f"version of m3embed uses {len(run.optimizer.param_groups)} ({', '.join(OPTIMIZER_GROUPS)}); "
+            "the checkpoint's weights load with --model, but the run cannot be resumed"
+        )
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["trainer_state"]["sampler"])
@@ -643,17 +679,38 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
     if path is None:
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
-    heads = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
-    return M3Model.from_pretrained(path, pooling=pooling, device=device, **heads)
+    head_flags = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
+    return M3Model.from_pretrained(path, pooling=pooling, device=device, **head_flags)
+
+
+OPTIMIZER_GROUPS = ("encoder", "encoder_no_decay", "heads", "heads_no_decay")
 
 
 def _optimizer(model: M3Model, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; biases and LayerNorm weights (1-d tensors) are not decayed, as in transformers' Trainer."""
-    decay, no_decay = [], []
+    """AdamW with four parameter groups (:data:`OPTIMIZER_GROUPS`, always all four so a checkpoint's
+    optimizer state fits any run): encoder and heads, each split into decayed weights and undecayed
+    biases and LayerNorm weights (1-d tensors), as in transformers' Trainer. The heads learn at
+    ``head_learning_rate`` (unset: ``NEW_HEAD_LR_SCALE`` × the encoder's rate if the model came without
+    them, the encoder's rate if they were loaded) with ``head_weight_decay``."""
+    head_params = {id(p) for head in (model.sparse_linear, model.colbert_linear) if head is not None
+                   for p in head.parameters()}
+    params: dict[str, list[torch.Tensor]] = {name: [] for name in OPTIMIZER_GROUPS}
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            part = "heads" if id(p) in head_params else "encoder"
+            params[part if p.ndim >= 2 else f"{part}_no_decay"].append(p)
+    head_lr = tc.head_learning_rate or tc.learning_rate * (NEW_HEAD_LR_SCALE if model.new_heads else 1.0)
+    head_decay = tc.weight_decay if tc.head_weight_decay is None else tc.head_weight_decay
+    settings = {
+        "encoder": (tc.learning_rate, tc.weight_decay),
+        "encoder_no_decay": (tc.learning_rate, 0.0),
+        "heads": (head_lr, head_decay),
+        "heads_no_decay": (head_lr, 0.0),
+    }
+    groups = [
+        {"name": name, "params": params[name], "lr": lr, "weight_decay": decay}
+        for name, (lr, decay) in settings.items()
+    ]
     return torch.optim.AdamW(groups, lr=tc.learning_rate)
 
 
