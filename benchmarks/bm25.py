@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from m3embed.beir import BeirFolder
 from m3embed.eval_defaults import EVAL_DEFAULTS
-from m3embed.evaluate import _per_language, _read_split, _select_documents, _Subset, compute_metrics
+from m3embed.evaluate import compute_metrics, per_language, read_eval_split
 
 
 def bm25_run(documents: list, queries: dict, top_k: int) -> dict[str, list[tuple[str, float]]]:
@@ -25,7 +24,8 @@ def bm25_run(documents: list, queries: dict, top_k: int) -> dict[str, list[tuple
     import bm25s
 
     retriever = bm25s.BM25(k1=1.5, b=0.75)
-    retriever.index(bm25s.tokenize([d.text for d in documents], stopwords=None, show_progress=False))
+    corpus_tokens = bm25s.tokenize([d.text for d in documents], stopwords=None, show_progress=False)
+    retriever.index(corpus_tokens, show_progress=False)
     ids = list(queries)
     tokens = bm25s.tokenize([queries[q].text for q in ids], stopwords=None, show_progress=False)
     hits, scores = retriever.retrieve(tokens, k=min(top_k, len(documents)), show_progress=False)
@@ -44,15 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int, default=EVAL_DEFAULTS.top_k)
     args = parser.parse_args(argv)
 
-    paths = BeirFolder.locate(args.folder, args.split)
-    qrels, queries = _read_split(paths)
-    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
-    keep, corpus_size = _select_documents(paths.corpus, relevant, args.max_docs, args.seed)
-    documents = list(_Subset(paths.corpus, keep))
+    qrels, queries, corpus, corpus_size = read_eval_split(args.folder, args.split, args.max_docs, args.seed)
+    documents = list(corpus)
     means, per_query = compute_metrics(qrels, bm25_run(documents, queries, args.top_k))
-    languages = _per_language(queries, {"bm25": per_query}).get("bm25", {})
+    languages = per_language(queries, {"bm25": per_query}).get("bm25", {})
     print(f"BM25 (bm25s) on {len(queries)} queries, {len(documents)} of {corpus_size} documents")
-    print(json.dumps({"bm25": means, "per_language_ndcg@10": {k: round(v["ndcg@10"], 4) for k, v in languages.items()}}))
+    print(
+        json.dumps(
+            {"bm25": means, "per_language_ndcg@10": {k: round(v["ndcg@10"], 4) for k, v in languages.items()}}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from m3embed import heads
 from m3embed import checkpoint as ckpt
+from m3embed import heads
 from m3embed.data import DataConfig, TrainDataset
 from m3embed.model import COLBERT_FILE, SPARSE_FILE, M3Config, M3Model
 from m3embed.testing import sample_texts, tiny_model
@@ -88,14 +88,15 @@ def test_sparse_head_is_the_least_squares_fit_of_sqrt_idf():
 
     # the same regression, built naively: every non-special token state of every document
     special = set(model.special_ids.tolist())
-    ids = [np.array([t for t in row if t not in special]) for row in
-           model.tokenizer(docs, truncation=True, max_length=32)["input_ids"]]
+    ids = [
+        np.array([t for t in row if t not in special])
+        for row in model.tokenizer(docs, truncation=True, max_length=32)["input_ids"]
+    ]
     doc_freq = np.zeros(len(model.tokenizer))
     for row in ids:
         doc_freq[np.unique(row)] += 1
     idf = heads.bm25_idf(doc_freq, len(docs))
-    scale = np.mean([idf[np.unique(row)].sum() for row in
-                     heads._token_ids(model, queries, 32, special)])
+    scale = np.mean([idf[np.unique(row)].sum() for row in heads._token_ids(model, queries, 32, special)])
     assert fit.idf_scale == pytest.approx(scale)
     model.eval()
     with torch.no_grad():
@@ -121,15 +122,24 @@ def groups(optimizer):
 
 def test_groups_get_the_configured_rates_and_decay(tmp_path, bare_model_dir, data_file):
     config = run_config(
-        bare_model_dir, data_file, tmp_path / "out", max_steps=1, warmup_steps=0,
-        learning_rate=1e-4, head_learning_rate=3e-3, weight_decay=0.05, head_weight_decay=0.2,
+        bare_model_dir,
+        data_file,
+        tmp_path / "out",
+        max_steps=1,
+        warmup_steps=0,
+        learning_rate=1e-4,
+        head_learning_rate=3e-3,
+        weight_decay=0.05,
+        head_weight_decay=0.2,
     )
     model = M3Model.from_pretrained(bare_model_dir)
     opt = groups(_optimizer(model, config.train))
     assert list(opt) == list(OPTIMIZER_GROUPS)
     assert {n: (g["lr"], g["weight_decay"]) for n, g in opt.items()} == {
-        "encoder": (1e-4, 0.05), "encoder_no_decay": (1e-4, 0.0),
-        "heads": (3e-3, 0.2), "heads_no_decay": (3e-3, 0.0),
+        "encoder": (1e-4, 0.05),
+        "encoder_no_decay": (1e-4, 0.0),
+        "heads": (3e-3, 0.2),
+        "heads_no_decay": (3e-3, 0.0),
     }
     head_ids = {id(p) for h in (model.sparse_linear, model.colbert_linear) for p in h.parameters()}
     assert {id(p) for g in ("heads", "heads_no_decay") for p in opt[g]["params"]} == head_ids

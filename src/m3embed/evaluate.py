@@ -108,11 +108,8 @@ def evaluate_beir(
     # Longer than 60 lines: the public signature and its documented result take 42 of them, and the
     # settings it reports back in "info" are listed once, here. The work is in the helpers below.
     check_modes(modes)
-    paths = BeirFolder.locate(folder, split)
-    qrels, queries = _read_split(paths)
-    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
-    keep, corpus_size = _select_documents(paths.corpus, relevant, max_docs, seed)
-    n_docs = corpus_size if keep is None else len(keep)
+    qrels, queries, corpus, corpus_size = read_eval_split(folder, split, max_docs, seed)
+    n_docs = corpus_size if corpus.keep is None else len(corpus.keep)
     logger.info(
         "evaluating %s on %d queries and %d of %d documents",
         model_name(model) or "model",
@@ -128,7 +125,6 @@ def evaluate_beir(
         query_max_length=query_max_length,
         batch_size=batch_size,
     )
-    corpus = _Subset(paths.corpus, keep)
     searched = _encode_and_search(
         model, corpus, queries, modes, index_options, search_options, index_dir, show_progress_bar, ranks
     )
@@ -137,7 +133,7 @@ def evaluate_beir(
     runs, skipped, seconds = searched
     metrics = {mode: compute_metrics(qrels, run) for mode, run in runs.items()}
     result: dict[str, Any] = {mode: means for mode, (means, _) in metrics.items()}
-    result["per_language"] = _per_language(queries, {mode: per_q for mode, (_, per_q) in metrics.items()})
+    result["per_language"] = per_language(queries, {mode: per_q for mode, (_, per_q) in metrics.items()})
     result["info"] = {
         "model": model_name(model),
         "folder": str(folder),
@@ -211,6 +207,18 @@ def _encode_and_search(
     return runs, skipped, seconds
 
 
+def read_eval_split(
+    folder: str | os.PathLike, split: str, max_docs: int | None, seed: int
+) -> tuple[dict[str, dict[str, int]], dict[str, Query], _Subset, int]:
+    """What :func:`evaluate_beir` scores on: qrels, their queries, the corpus (the ``max_docs`` subset:
+    every relevant document plus a ``seed``-ed sample of the others) and the full corpus's size."""
+    paths = BeirFolder.locate(folder, split)
+    qrels, queries = _read_split(paths)
+    relevant = {doc for docs in qrels.values() for doc, rel in docs.items() if rel > 0}
+    keep, corpus_size = _select_documents(paths.corpus, relevant, max_docs, seed)
+    return qrels, queries, _Subset(paths.corpus, keep), corpus_size
+
+
 def _read_split(paths: BeirFolder) -> tuple[dict[str, dict[str, int]], dict[str, Query]]:
     """The split's qrels and their queries; qrels of a query the queries file lacks are dropped (logged)."""
     qrels = read_qrels(paths.qrels)
@@ -231,7 +239,7 @@ def _read_split(paths: BeirFolder) -> tuple[dict[str, dict[str, int]], dict[str,
     return qrels, queries
 
 
-def _per_language(
+def per_language(
     queries: Mapping[str, Query], per_query_of: Mapping[str, Mapping[str, Mapping[str, float]]]
 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{mode: {lang: {metric: mean, "queries": n}}}`` over the queries of each language ({} if none).

@@ -79,7 +79,9 @@ class M3Model(nn.Module):
         self.colbert_linear = nn.Linear(hidden, colbert_dim) if self.config.use_colbert else None
         # Heads with freshly initialised weights (from_pretrained removes those it loads from files):
         # training starts them from the encoder (m3embed.heads) and may give them their own learning rate.
-        self.new_heads = {name for name in ("sparse", "colbert") if getattr(self, f"{name}_linear") is not None}
+        self.new_heads = {
+            name for name in ("sparse", "colbert") if getattr(self, f"{name}_linear") is not None
+        }
         ids = {getattr(tokenizer, attr, None) for attr in SPECIAL_TOKEN_ATTRS} - {None}
         self.register_buffer("special_ids", torch.tensor(sorted(ids), dtype=torch.long), persistent=False)
 

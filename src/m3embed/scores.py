@@ -1,8 +1,8 @@
 """Query-passage scores of the three outputs: pure functions of tensors, shared by inference and losses.
 
 Batch scores are memory-lean by construction:
-- sparse: token ids are mapped to a batch-local vocabulary (the query tokens), never to the model's
-  vocabulary, so no ``(B, L, vocab)`` or ``(B, vocab)`` tensor exists;
+- sparse: each query is pooled to (row, token, max weight) entries and passages to the queries'
+  tokens only, so no ``(B, L, vocab)``, ``(B, vocab)`` or ``(Bq, query tokens)`` tensor exists;
 - colbert: MaxSim is computed a block of queries × passages at a time, so only one ``(a, Lq, b, Lp)``
   block of at most ``block_elements`` similarities exists at once, whatever the batch, and backward
   uses the kept argmax positions instead of the similarity tensor.

@@ -692,8 +692,12 @@ def _optimizer(model: M3Model, tc: TrainConfig) -> torch.optim.AdamW:
     biases and LayerNorm weights (1-d tensors), as in transformers' Trainer. The heads learn at
     ``head_learning_rate`` (unset: ``NEW_HEAD_LR_SCALE`` × the encoder's rate if the model came without
     them, the encoder's rate if they were loaded) with ``head_weight_decay``."""
-    head_params = {id(p) for head in (model.sparse_linear, model.colbert_linear) if head is not None
-                   for p in head.parameters()}
+    head_params = {
+        id(p)
+        for head in (model.sparse_linear, model.colbert_linear)
+        if head is not None
+        for p in head.parameters()
+    }
     params: dict[str, list[torch.Tensor]] = {name: [] for name in OPTIMIZER_GROUPS}
     for p in model.parameters():
         if p.requires_grad:
