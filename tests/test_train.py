@@ -208,10 +208,12 @@ def test_step_metrics_are_logged(tmp_path, model_dir, data_file):
         "ensemble",
         "distill_colbert",
         "lr",
+        "head_lr",
         "grad_norm",
         "data_wait_s",
     ):
         assert key in step
+    assert step["head_lr"] == step["lr"]  # heads loaded from the model's files: the encoder's rate
     assert 0 <= step["data_wait_s"] <= step["seconds"]
     assert step["queries_per_s"] > 0 and step["tokens_per_s"] > 0 and step["peak_rss_mb"] > 0
     assert "summary" in entries[-1]

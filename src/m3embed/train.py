@@ -403,10 +403,11 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
             epoch, (batch, queries, passages) = next(batches)
             data_wait_s = time.perf_counter() - t0
             # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-            parts, grad_norm, lr = run.update(batch, queries, passages)
+            parts, grad_norm, lrs = run.update(batch, queries, passages)
             # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
             done = run.step >= run.total_steps
-            base = {"step": run.step, "epoch": epoch, **parts, "lr": lr, "grad_norm": grad_norm}
+            base = {"step": run.step, "epoch": epoch, **parts, "lr": lrs["encoder"], "head_lr": lrs["heads"]}
+            base["grad_norm"] = grad_norm
             base["data_wait_s"] = round(data_wait_s, 4)
             metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
             _show(metrics, run.log, bar)
@@ -467,9 +468,9 @@ class _Run:
 
         return BatchStream(self.sampler, make, tc.prefetch_batches)
 
-    def update(self, batch, queries, passages) -> tuple[dict[str, float], float, float]:
+    def update(self, batch, queries, passages) -> tuple[dict[str, float], float, dict[str, float]]:
         """Steps 3-4: forward + backward, gradient sum over ranks, clip, AdamW and schedule step.
-        Returns the loss parts, the gradient norm before clipping and the learning rate used."""
+        Returns the loss parts, the gradient norm before clipping and each group's learning rate used."""
         tc = self.config.train
         try:
             parts = train_step(
@@ -492,12 +493,12 @@ class _Run:
                 f"rank {self.info.rank} failed at step {self.step + 1}: {type(err).__name__}: {err}"
             ) from err
         grad_norm = _clip([p for p in self.model.parameters() if p.requires_grad], tc.max_grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
+        lrs = dict(zip(OPTIMIZER_GROUPS, self.scheduler.get_last_lr()))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return parts, grad_norm, lr
+        return parts, grad_norm, lrs
 
 
 def _setup(config: RunConfig, info: distributed.DistInfo) -> _Run:
