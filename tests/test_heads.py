@@ -176,3 +176,16 @@ def test_resume_restores_the_groups_exactly(tmp_path, bare_model_dir, data_file)
 
     assert saved_groups(resumed.checkpoint) == saved_groups(full.checkpoint)
     assert saved_groups(full.checkpoint)[2]["initial_lr"] == pytest.approx(NEW_HEAD_LR_SCALE * 1e-3)
+
+
+def test_resuming_a_checkpoint_with_the_old_two_groups_is_refused_with_a_message(
+    tmp_path, bare_model_dir, data_file
+):
+    out = tmp_path / "old"
+    train(run_config(bare_model_dir, data_file, out, max_steps=2, save_steps=2))
+    optimizer_file = ckpt.list_checkpoints(out)[-1] / ckpt.OPTIMIZER
+    state = torch.load(optimizer_file, weights_only=True)
+    state["param_groups"] = state["param_groups"][:2]  # as m3embed wrote it before the head groups
+    torch.save(state, optimizer_file)
+    with pytest.raises(ValueError, match="2 parameter groups.*cannot be resumed"):
+        train(run_config(bare_model_dir, data_file, out, max_steps=4, resume="latest"))
