@@ -10,15 +10,7 @@ from m3embed.data import DataConfig, TrainDataset
 from m3embed.model import COLBERT_FILE, SPARSE_FILE, M3Config, M3Model
 from m3embed.testing import sample_texts, tiny_model
 from m3embed.train import NEW_HEAD_LR_SCALE, OPTIMIZER_GROUPS, _optimizer, train
-from test_train import Killed, kill_at, run_config, write_lines
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train import Killed, kill_at, one_thread, run_config, write_lines  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")
