@@ -258,6 +258,10 @@ def _encode_into_own_folder(rank: int, port: int, data: str, tmp: str) -> None:
         except ValueError as err:
             outcome = str(err)
         Path(f"{tmp}/rank{rank}.txt").write_text(outcome)
+    # Leave without the interpreter's teardown: under pytest, gloo's threads occasionally abort the
+    # exiting process ("terminate called without an active exception", 3 of ~50 runs here) after
+    # the outcome above is written; what this test checks is the outcome, not torch's exit.
+    os._exit(0)
 
 
 def test_a_rank_that_does_not_see_the_folder_stops_every_rank(data, tmp_path):
