@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from m3embed.model import eval_mode
+
 logger = logging.getLogger(__name__)
 
 HEAD_NAMES = ("sparse", "colbert")
@@ -85,30 +87,13 @@ def fit_sparse_head(
     scale = float(np.mean(query_sums)) if query_sums else 1.0
     target = torch.from_numpy(np.sqrt(idf / max(scale, 1e-12)))  # (vocab,) float64
 
-    hidden = model.backbone.config.hidden_size
-    gram = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)  # [H, 1]ᵀ[H, 1]
-    moment = torch.zeros(hidden + 1, dtype=torch.float64)  # [H, 1]ᵀ y
-    sum_y = sum_yy = 0.0
-    n = 0
-    was_training = model.training
-    model.eval()
-    try:
-        fit_texts = list(documents[:fit_documents])
-        for start in range(0, len(fit_texts), batch_size):
-            batch = model.tokenize(fit_texts[start : start + batch_size], max_length)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            states = model.backbone(**batch).last_hidden_state  # (b, L, H)
-            keep = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], model.special_ids)
-            h = states[keep].double().cpu()  # (n_b, H)
-            h = torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], dim=1)
-            y = target[batch["input_ids"][keep].cpu()]
-            gram += h.T @ h
-            moment += h.T @ y
-            sum_y, sum_yy, n = sum_y + float(y.sum()), sum_yy + float((y * y).sum()), n + h.shape[0]
-    finally:
-        model.train(was_training)
+    gram, moment, sum_yy = _token_state_moments(
+        model, documents[:fit_documents], target, max_length, batch_size
+    )
+    n, sum_y = float(gram[-1, -1]), float(moment[-1])  # the ones column counts the tokens and sums y
     if n == 0:
         raise ValueError("fit_sparse_head: the sample has no token to fit (empty texts?)")
+    hidden = gram.shape[0] - 1
     penalty = ridge * float(gram.diagonal()[:hidden].mean())
     regulariser = torch.diag(torch.tensor([penalty] * hidden + [0.0], dtype=torch.float64))
     solution = torch.linalg.solve(gram + regulariser, moment)  # (H + 1,)
@@ -117,7 +102,32 @@ def fit_sparse_head(
     head = model.sparse_linear
     head.weight.copy_(solution[:hidden].to(head.weight)[None])
     head.bias.copy_(solution[hidden:].to(head.bias))
-    return SparseFit(len(documents), n, scale, 1.0 - residual / max(variance, 1e-12))
+    return SparseFit(len(documents), int(n), scale, 1.0 - residual / max(variance, 1e-12))
+
+
+def _token_state_moments(
+    model, texts: Sequence[str], target: torch.Tensor, max_length: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The regression's sums over the non-special tokens of ``texts``: ``XᵀX`` and ``Xᵀy`` with
+    ``X = [token state, 1]`` (float64, ``(H+1, H+1)`` and ``(H+1,)``), and ``Σ y²``; ``y`` is
+    ``target`` at each token's id. The encoder runs in eval mode (no dropout)."""
+    hidden = model.backbone.config.hidden_size
+    gram = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
+    moment = torch.zeros(hidden + 1, dtype=torch.float64)
+    sum_yy = 0.0
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            batch = model.tokenize(list(texts[start : start + batch_size]), max_length)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            states = model.backbone(**batch).last_hidden_state  # (b, L, H)
+            keep = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], model.special_ids)
+            x = states[keep].double().cpu()  # (n_b, H)
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            y = target[batch["input_ids"][keep].cpu()]
+            gram += x.T @ x
+            moment += x.T @ y
+            sum_yy += float((y * y).sum())
+    return gram, moment, sum_yy
 
 
 def _token_ids(model, texts: Sequence[str], max_length: int, special: set[int]) -> list[np.ndarray]:

@@ -259,7 +259,7 @@ class M3Model(nn.Module):
             autocast = _autocast(self.device, use_fp16, use_bf16)
             ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
             show = len(texts) > batch_size if show_progress_bar is None else show_progress_bar
-            with _eval_mode(self), tqdm(total=len(texts), desc="Encoding", disable=not show) as bar:
+            with eval_mode(self), tqdm(total=len(texts), desc="Encoding", disable=not show) as bar:
                 for rows, batch, reps in encode_batches(self, ids["input_ids"], batch_size, autocast):
                     for key, values in _numpy_outputs(reps, batch, outputs).items():
                         for i, value in zip(rows, values, strict=True):
@@ -523,7 +523,7 @@ def _numpy_outputs(
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the duration (dropout off), then back in the mode it was in."""
     was_training = model.training
     model.eval()
