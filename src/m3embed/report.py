@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from m3embed.runlog import LOG_FILE, read_log
+
 logger = logging.getLogger(__name__)
 
 ReportTo = Literal["none", "tensorboard"]
@@ -61,7 +63,7 @@ class TensorBoardReporter:
     """Log entries as TensorBoard scalars in ``log_dir``; steps and evaluations, nothing else.
 
     ``purge_step`` (a resumed run: the step after the one it resumed at) hides what an interrupted
-    process wrote from that step on, as :func:`m3embed.train.read_log` leaves it out of the log.
+    process wrote from that step on, as :func:`m3embed.runlog.read_log` leaves it out of the log.
     """
 
     def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None) -> None:
@@ -164,7 +166,7 @@ class Curves:
 
 def curves(entries: Sequence[Mapping[str, Any]]) -> Curves:
     """The loss parts per step and nDCG@10 per output per evaluation of a log read with
-    :func:`m3embed.train.read_log` (one uninterrupted run)."""
+    :func:`m3embed.runlog.read_log` (one uninterrupted run)."""
     losses: dict[str, Curve] = {}
     evals: dict[str, Curve] = {}
     for entry in entries:
@@ -185,8 +187,6 @@ def curves(entries: Sequence[Mapping[str, Any]]) -> Curves:
 
 
 def _log_path(run: str | os.PathLike) -> Path:
-    from m3embed.train import LOG_FILE
-
     path = Path(run)
     path = path / LOG_FILE if path.is_dir() else path
     if not path.is_file():
@@ -203,8 +203,6 @@ def plot_run(
     the log). ``run`` is the run's output folder or its ``train_log.jsonl``; the run may still be going
     (the title says "unfinished" unless ``finished`` or the log's summary says otherwise).
     Raises :class:`MissingExtra` without matplotlib, ValueError when the log has nothing to draw yet."""
-    from m3embed.train import read_log
-
     log_file = _log_path(run)
     drawn = curves(read_log(log_file))
     if not drawn.losses and not drawn.evals:
