@@ -115,6 +115,16 @@ def _picklable(obj: object) -> bool:
     return True
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one all-reduce), so all take one decision."""
+    if not info.enabled:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def gather_objects(obj: T, info: DistInfo) -> list[T]:
     """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` for one process."""
     if not info.enabled:

@@ -33,7 +33,7 @@ ReportTo = Literal["none", "tensorboard"]
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "train_log.png"
 # Keys of a step entry that are not parts of the loss: the loop's bookkeeping, schedule and meters.
-_NOT_LOSS = {"step", "epoch", "lr", "head_lr", "grad_norm"} | {
+_NOT_LOSS = {"step", "epoch", "lr", "head_lr", "grad_norm", "loss_scale", "skipped_steps"} | {
     "seconds",
     "data_wait_s",
     "queries_per_s",

@@ -16,6 +16,7 @@ from m3embed import checkpoint as ckpt
 from m3embed.model import no_library_progress_bars
 from m3embed.train.config import RunConfig
 from m3embed.train.optim import OPTIMIZER_GROUPS
+from m3embed.train.precision import check_finite_weights
 from m3embed.train.run import Run
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ def save(run: Run, sampler_state: dict[str, Any]) -> Path | None:
         torch.distributed.all_gather_object(states, rng)
     else:
         states = [rng]
+    check_finite_weights(run.model, run.guard, run.step, tc.output_dir, "checkpoint not written")
     path = None
     if info.is_main:
         with no_library_progress_bars():  # transformers' "Writing model shards" bar cuts into ours
@@ -40,7 +42,11 @@ def save(run: Run, sampler_state: dict[str, Any]) -> Path | None:
                 model=run.model,
                 optimizer=run.optimizer,
                 scheduler=run.scheduler,
-                trainer_state={"world_size": info.world_size, "sampler": sampler_state},
+                trainer_state={
+                    "world_size": info.world_size,
+                    "sampler": sampler_state,
+                    "precision": run.guard.state_dict(),
+                },
                 rng_states=states,
                 configs=run.config.to_dict(),
                 keep_last=tc.save_total_limit,
@@ -71,6 +77,8 @@ def resume(run: Run) -> None:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.sampler.load_state_dict(state["trainer_state"]["sampler"])
+    if "precision" in state["trainer_state"]:  # checkpoints before fp16 support have none
+        run.guard.load_state_dict(state["trainer_state"]["precision"])
     ckpt.set_rng_state(state["rng"][run.info.rank])
     run.step = state["trainer_state"]["step"]
     logger.info("resumed from %s at step %d of %d", run.resume_from, run.step, run.total_steps)

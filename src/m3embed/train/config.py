@@ -80,6 +80,21 @@ class TrainConfig:
         1.0, "clip the gradient's global L2 norm to this (0 or 'none' = no clipping)", bounds=NON_NEGATIVE
     )
     bf16: bool = setting(False, "bfloat16 autocast for the encoder (scores and loss stay fp32)")
+    fp16: bool = setting(
+        False,
+        "float16 autocast for the encoder with dynamic loss scaling (GPUs without fast bf16: T4, V100); "
+        "scores and loss stay fp32",
+    )
+    fp16_init_scale: float = setting(
+        2.0**16, "--fp16: the loss scale to start from (torch.amp.GradScaler's init_scale)", bounds=POSITIVE
+    )
+    max_skipped_steps: int = setting(
+        10,
+        "stop the run (exit code 1) after this many steps in a row whose loss or gradient norm is not "
+        "finite; such a step is skipped, never applied to the weights",
+        metavar="N",
+        bounds=AT_LEAST_1,
+    )
     seed: int = setting(
         42, "torch seed: head initialisation, dropout (the data's seed is --data-seed)", bounds=NON_NEGATIVE
     )
@@ -200,6 +215,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.fp16 and self.bf16:
+            raise ValueError(
+                "TrainConfig.fp16 and TrainConfig.bf16 exclude each other: choose one autocast dtype "
+                "(docs/training.md, 'Which precision')"
+            )
         if self.overwrite and self.resume:
             raise ValueError(
                 "TrainConfig.resume and TrainConfig.overwrite exclude each other: continue the run in "

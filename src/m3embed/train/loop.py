@@ -26,6 +26,7 @@ from m3embed.train.config import RunConfig, TrainConfig, packaged_model_path
 from m3embed.train.log import Meter, RunLog
 from m3embed.train.optim import build_optimizer, build_scheduler
 from m3embed.train.output_dir import check_output_dir, delete_run
+from m3embed.train.precision import StepGuard
 from m3embed.train.run import Run
 from m3embed.train.summary import TrainResult, summary_dict
 
@@ -66,12 +67,10 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
             epoch, (batch, queries, passages) = next(batches)
             data_wait_s = time.perf_counter() - t0
             # 3-4. Forward + backward, gradient sum over ranks, clip, update.
-            parts, grad_norm, lrs = run.update(batch, queries, passages)
+            entry = run.update(batch, queries, passages)
             # 5. Metrics, evaluation, checkpoint (rank 0 writes; the others wait at the barrier).
             done = run.step >= run.total_steps
-            base = {"step": run.step, "epoch": epoch, **parts, "lr": lrs["encoder"], "head_lr": lrs["heads"]}
-            base["grad_norm"] = grad_norm
-            base["data_wait_s"] = round(data_wait_s, 4)
+            base = {"step": run.step, "epoch": epoch, **entry, "data_wait_s": round(data_wait_s, 4)}
             metrics = meter.step(base, batch, queries, passages, time.perf_counter() - t0)
             _show(metrics, run.log, bar)
             if tc.eval_data and ((tc.eval_steps and run.step % tc.eval_steps == 0) or done):
@@ -87,6 +86,7 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
         last_ckpt = ckpt.find_checkpoint(ckpt.LATEST, tc.output_dir)
     log_file = run.log.path if run.log is not None else None
     result = meter.result(run.step, first_step, log_file, last_ckpt, eval_before, eval_after)
+    result.skipped_steps = run.guard.skipped_steps
     if run.log is not None:
         result.plot = run.log.reports.draw(run.log.path)
         run.log.write({"summary": summary_dict(result)})
@@ -122,7 +122,10 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc, total_steps)
-    run = Run(config, info, device, dataset, sampler, model, optimizer, scheduler, total_steps, resume_from)
+    guard = StepGuard.for_run(tc, device)
+    run = Run(
+        config, info, device, dataset, sampler, model, optimizer, scheduler, total_steps, resume_from, guard
+    )
     if resume_from is not None:
         resume(run)
     # Everything checked: from here on output_dir is this run's.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ from m3embed.step import train_step
 from m3embed.train.config import RunConfig
 from m3embed.train.log import RunLog
 from m3embed.train.optim import OPTIMIZER_GROUPS, clip_gradients
+from m3embed.train.precision import StepGuard, autocast_dtype, check_finite_weights
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
     resume_from: Path | None
+    guard: StepGuard
     step: int = 0
     log: RunLog | None = None  # rank 0 only
 
@@ -55,10 +58,13 @@ class Run:
 
         return BatchStream(self.sampler, make, tc.prefetch_batches)
 
-    def update(self, batch, queries, passages) -> tuple[dict[str, float], float, dict[str, float]]:
-        """Steps 3-4: forward + backward, gradient sum over ranks, clip, AdamW and schedule step.
-        Returns the loss parts, the gradient norm before clipping and each group's learning rate used."""
+    def update(self, batch, queries, passages) -> dict[str, Any]:
+        """Steps 3-4: forward + backward, gradient sum over ranks, unscale (fp16), clip, then AdamW and
+        schedule step unless the step is not finite (:class:`~m3embed.train.precision.StepGuard`).
+        Returns the step's log entry: loss parts, each group's learning rate used, the gradient norm
+        before clipping, ``skipped_steps`` so far, and ``loss_scale`` (the scale this step used) under fp16."""
         tc = self.config.train
+        loss_scale = self.guard.loss_scale
         try:
             parts = train_step(
                 self.model,
@@ -71,7 +77,8 @@ class Run:
                 teacher_scores=batch.teacher_scores,
                 query_max_length=tc.query_max_length,
                 passage_max_length=tc.passage_max_length,
-                autocast_dtype=torch.bfloat16 if tc.bf16 else None,
+                autocast_dtype=autocast_dtype(tc),
+                scaler=self.guard.scaler,
                 gather=distributed.CrossDeviceGather() if self.info.enabled else None,
             )
             distributed.all_reduce_gradients(self.model)
@@ -79,10 +86,21 @@ class Run:
             raise RuntimeError(
                 f"rank {self.info.rank} failed at step {self.step + 1}: {type(err).__name__}: {err}"
             ) from err
+        self.guard.unscale(self.optimizer)
         grad_norm = clip_gradients([p for p in self.model.parameters() if p.requires_grad], tc.max_grad_norm)
         lrs = dict(zip(OPTIMIZER_GROUPS, self.scheduler.get_last_lr()))
-        self.optimizer.step()
-        self.scheduler.step()
+        applied = self.guard.decide(parts, grad_norm, self.step + 1, self.info)
+        if applied:
+            self.optimizer.step()
+            self.scheduler.step()
+            check_finite_weights(
+                self.model, self.guard, self.step + 1, tc.output_dir, "the update overflowed"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return parts, grad_norm, lrs
+        entry = {**parts, "lr": lrs["encoder"], "head_lr": lrs["heads"], "grad_norm": grad_norm}
+        entry["skipped_steps"] = self.guard.skipped_steps
+        if loss_scale is not None:
+            entry["loss_scale"] = loss_scale
+        self.guard.after_step(applied, tc.output_dir)
+        return entry

@@ -27,6 +27,7 @@ class TrainResult:
     queries_per_second: float
     tokens_per_second: float
     plot: Path | None = None  # train_log.png (rank 0 with matplotlib installed)
+    skipped_steps: int = 0  # steps not applied because their loss or gradient norm was not finite
 
 
 def summary_dict(result: TrainResult) -> dict[str, Any]:
@@ -60,6 +61,8 @@ def format_summary(result: TrainResult) -> str:
         f"peak memory: {result.train_peak_rss_bytes / 2**20:.0f} MiB RSS while training, "
         f"{result.peak_rss_bytes / 2**20:.0f} MiB overall (model loading and evaluation included)"
     )
+    if result.skipped_steps:
+        lines.append(f"skipped steps: {result.skipped_steps} (loss or gradient norm not finite; not applied)")
     if result.peak_gpu_bytes is not None:
         lines.append(f"peak GPU memory: {result.peak_gpu_bytes / 2**20:.0f} MiB")
     if result.checkpoint:
