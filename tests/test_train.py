@@ -494,6 +494,35 @@ def test_a_resumed_run_appends_to_the_log_and_counts_its_own_steps(earlier_run, 
     assert [e["step"] for e in read_log(earlier_run / LOG_FILE) if "loss" in e] == [1, 2, 3, 4]
 
 
+def test_resuming_a_finished_run_says_so_and_leaves_its_folder_alone(
+    earlier_run, capsys, model_dir, data_file
+):
+    before = folder_digest(earlier_run)
+    assert cli_run(model_dir, data_file, earlier_run, "--max-steps", "2", "--resume") == 0
+    out = capsys.readouterr().out
+    assert "already finished at step 2" in out, out
+    assert "trained 0 steps" not in out and "queries/s" not in out
+    assert folder_digest(earlier_run) == before  # the log (and everything else) untouched
+
+
+def test_the_start_of_a_run_logs_short_config_lines_and_names_the_trained_model(
+    tmp_path, caplog, model_dir, data_file
+):
+    import logging
+
+    eval_dir = write_beir(tmp_path / "beir")
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="m3embed"):
+        train(run_config(model_dir, data_file, out, max_steps=1, eval_data=str(eval_dir)))
+    messages = [r.getMessage() for r in caplog.records]
+    config = [m for m in messages if m.startswith("config ")]
+    assert config and all(len(m) <= 150 for m in config), config  # + the log prefix: under 200
+    assert config[0].startswith("config train: ") and "max_steps=1" in " ".join(config), config
+    evaluating = [m for m in messages if m.startswith("evaluating ")]
+    assert evaluating and all(f"the model trained in {out} at step" in m for m in evaluating), evaluating
+    assert model_dir not in " ".join(evaluating)
+
+
 def test_the_training_summary_names_its_log_and_no_library_bar_cuts_in(tmp_path, capfd, model_dir, data_file):
     assert cli_run(model_dir, data_file, tmp_path / "run", "--max-steps", "1") == 0
     captured = capfd.readouterr()

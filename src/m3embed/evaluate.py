@@ -78,6 +78,7 @@ def evaluate_beir(
     show_progress_bar: bool = False,
     return_runs: bool = False,
     ranks: DistInfo = ONE_PROCESS,
+    name: str | None = None,
 ) -> dict[str, Any] | None:
     """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
 
@@ -93,7 +94,7 @@ def evaluate_beir(
     goes to a temporary folder; either way in shards of ``shard_size`` documents. With ``ranks`` (a
     process group, as under ``torchrun``) every process encodes its share of the shards
     (:func:`~m3embed.index.encode_corpus`); rank 0 then searches and scores alone, the other ranks
-    return None.
+    return None. ``name`` is what the log line calls the model (default: the folder it was loaded from).
 
     Returns::
 
@@ -112,7 +113,7 @@ def evaluate_beir(
     n_docs = corpus_size if corpus.keep is None else len(corpus.keep)
     logger.info(
         "evaluating %s on %d queries and %d of %d documents",
-        model_name(model) or "model",
+        name or model_name(model) or "model",
         len(queries),
         n_docs,
         corpus_size,

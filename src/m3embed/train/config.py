@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import textwrap
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -273,6 +274,30 @@ class RunConfig:
 
     def replace(self, section: str, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+def config_lines(config: RunConfig, width: int = 110) -> list[str]:
+    """The settings that differ from the defaults, a section a line (wrapped at ``width`` characters):
+    what the run log shows at the start. The whole resolved config is in every checkpoint's
+    ``train_config.json`` (and ``--print-config`` prints it)."""
+    lines = []
+    for section, values in config.to_dict().items():
+        defaults = {f.name: _default(f) for f in dataclasses.fields(SECTIONS[section])}
+        changed = [f"{k}={v}" for k, v in values.items() if defaults.get(k, _NO_DEFAULT) != v]
+        if changed:
+            lines += textwrap.wrap(
+                ", ".join(changed), width, initial_indent=f"{section}: ", subsequent_indent="  "
+            )
+    return lines
+
+
+_NO_DEFAULT = object()
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else _NO_DEFAULT
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:

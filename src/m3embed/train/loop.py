@@ -4,11 +4,9 @@ step, evaluating and saving on the way."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from m3embed.losses import LossConfig
 from m3embed.model import M3Model
 from m3embed.runlog import LOG_FILE
 from m3embed.train.checkpointing import resume, save
-from m3embed.train.config import RunConfig, TrainConfig, packaged_model_path
+from m3embed.train.config import RunConfig, TrainConfig, config_lines, packaged_model_path
 from m3embed.train.log import Meter, RunLog
 from m3embed.train.optim import build_optimizer, build_scheduler
 from m3embed.train.output_dir import check_output_dir, delete_run
@@ -51,6 +49,12 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
     tc = config.train
     meter = Meter(info.world_size)
     run = setup(config, info)
+    if run.finished:
+        logger.info("%s already finished at step %d: nothing to train", tc.output_dir, run.step)
+        log_file = Path(tc.output_dir) / LOG_FILE if info.is_main else None
+        result = meter.result(run.step, run.step, log_file, run.resume_from, None, None)
+        result.already_finished = True
+        return result
     first_step = run.step
     eval_before = run.log.eval_at(0) if run.log is not None else None  # kept from before an interruption
     if tc.eval_data and tc.eval_at_start and run.resume_from is None:
@@ -114,8 +118,8 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     if tc.eval_data:
         _check_eval_data(tc)
     if info.is_main:
-        logger.info("run config: %s", json.dumps(config.to_dict()))
-        logger.info("loss config: %s", json.dumps(asdict(config.loss)))
+        for line in config_lines(config):
+            logger.info("config %s", line)
         if dataset.num_skipped:
             logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
     model = _build_model(config, info, device, resume_from, dataset)
@@ -128,8 +132,8 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     )
     if resume_from is not None:
         resume(run)
-    # Everything checked: from here on output_dir is this run's.
-    if info.is_main:
+    # Everything checked: from here on output_dir is this run's (a finished run's is left as it is).
+    if info.is_main and not run.finished:
         if earlier_run:
             delete_run(Path(tc.output_dir), earlier_run)
         resumed_at = run.step if resume_from is not None else None
@@ -196,6 +200,7 @@ def _evaluate(run: Run) -> dict[str, float] | None:
                 candidates=EVAL_DEFAULTS.candidates,
                 seed=EVAL_DEFAULTS.seed,
                 show_progress_bar=tc.progress_bar,
+                name=f"the model trained in {tc.output_dir} at step {step}",
             )
         model.train()
         scores = {mode: result[mode]["ndcg@10"] for mode in result["info"]["modes"]}

@@ -38,6 +38,11 @@ class Run:
     step: int = 0
     log: RunLog | None = None  # rank 0 only
 
+    @property
+    def finished(self) -> bool:
+        """Resumed from the checkpoint of its last step: nothing is left to train."""
+        return self.resume_from is not None and self.step >= self.total_steps
+
     def batch_stream(self) -> BatchStream:
         """Steps 1-2 of every step to come: the sampler's next indices, their groups and their tokens
         ``(batch, queries, passages)``, made ``prefetch_batches`` ahead by a background thread.

@@ -27,6 +27,7 @@ class TrainResult:
     queries_per_second: float
     tokens_per_second: float
     plot: Path | None = None  # train_log.png (rank 0 with matplotlib installed)
+    already_finished: bool = False  # --resume of a run that had reached its last step: nothing ran
     skipped_steps: int = 0  # steps not applied because their loss or gradient norm was not finite
 
 
@@ -42,6 +43,14 @@ def summary_dict(result: TrainResult) -> dict[str, Any]:
 
 def format_summary(result: TrainResult) -> str:
     """The final report: nDCG@10 before/after per output, time, throughput and peak memory."""
+    if result.already_finished:
+        return "\n".join(
+            [
+                f"the run already finished at step {result.steps}: nothing to train (a larger --max-steps continues it)"
+            ]
+            + ([f"checkpoint: {result.checkpoint}"] if result.checkpoint else [])
+            + ([f"log: {result.log_file}"] if result.log_file else [])
+        )
     ran = result.steps - result.first_step
     total = f" ({result.steps} in total, resumed at step {result.first_step})" if result.first_step else ""
     lines = [f"trained {ran} step{'s' * (ran != 1)}{total} in {result.seconds:.0f} s", ""]
