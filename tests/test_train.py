@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -521,6 +522,24 @@ def test_the_start_of_a_run_logs_short_config_lines_and_names_the_trained_model(
     evaluating = [m for m in messages if m.startswith("evaluating ")]
     assert evaluating and all(f"the model trained in {out} at step" in m for m in evaluating), evaluating
     assert model_dir not in " ".join(evaluating)
+
+
+def test_a_skipped_bad_line_is_warned_about_once(tmp_path, caplog, model_dir, data_file):
+    import logging
+
+    bad = tmp_path / "bad.jsonl"
+    lines = Path(data_file).read_text().splitlines()
+    bad.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    config = run_config(model_dir, str(bad), tmp_path / "run", max_steps=1)
+    config = config.replace("data", skip_bad_lines=True)
+    with caplog.at_level(logging.INFO, logger="m3embed"):
+        train(config)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "bad line" in r.getMessage()
+    ]
+    assert len(warned) == 1 and "line 4" in warned[0], "\n".join(warned)
 
 
 def test_the_training_summary_names_its_log_and_no_library_bar_cuts_in(tmp_path, capfd, model_dir, data_file):

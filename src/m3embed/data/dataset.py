@@ -93,7 +93,7 @@ class TrainDataset:
         self.lengths = np.frombuffer(lengths, dtype=np.int32)  # (N,) estimated tokens of the longest passage
         self._handles: dict[int, IO[bytes]] = {}
         self._pid = os.getpid()
-        if self.num_skipped:
+        if self.num_skipped and len(self._files) > 1:  # each file's count was warned about as it was read
             logger.warning("skipped %d bad training lines in total: %s", self.num_skipped, self.skipped)
         logger.info(
             "training data: %d examples in %d file(s): %s",

@@ -120,8 +120,6 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
     if info.is_main:
         for line in config_lines(config):
             logger.info("config %s", line)
-        if dataset.num_skipped:
-            logger.warning("skipped %d bad line(s): %s", dataset.num_skipped, dataset.skipped)
     model = _build_model(config, info, device, resume_from, dataset)
     total_steps = tc.max_steps or sum(len(sampler.global_batches(e)) for e in range(tc.epochs))
     optimizer = build_optimizer(model, tc)
