@@ -17,6 +17,7 @@ once, saying how to get them, and goes on.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import os
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 ReportTo = Literal["none", "tensorboard"]
 TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "train_log.png"
+LOG_SHA256_KEY = "m3embed train_log sha256"  # PNG text chunk: the log the plot was drawn from
 # Keys of a step entry that are not parts of the loss: the loop's bookkeeping, schedule and meters.
 _NOT_LOSS = {"step", "epoch", "lr", "head_lr", "grad_norm", "loss_scale", "skipped_steps"} | {
     "seconds",
@@ -230,8 +232,13 @@ def plot_run(
     state = "" if (drawn.finished if finished is None else finished) else " (unfinished)"
     fig.suptitle(f"{log_file.parent.name}: step {drawn.last_step}{state}")
     path = Path(output) if output is not None else log_file.with_name(PLOT_FILE)
-    fig.savefig(path, dpi=100)
+    # The PNG names the log it was drawn from (a text chunk), so a picture can be checked against it.
+    fig.savefig(path, dpi=100, metadata={"Software": "m3embed", LOG_SHA256_KEY: file_sha256(log_file)})
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _draw(ax, lines: Mapping[str, Curve], title: str, ylabel: str, marker: str | None) -> None:

@@ -137,8 +137,10 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
         resumed_at = run.step if resume_from is not None else None
         reports = report.RunReports.start(tc.report_to, tc.output_dir, resumed_at)
         run.log = RunLog(Path(tc.output_dir) / LOG_FILE, reports)
+        start = {"config": config.to_dict()}  # the resolved config: the log says what run it records
         if resume_from is not None:
-            run.log.write({"resumed_from": str(resume_from), "resumed_at_step": run.step})
+            start = {"resumed_from": str(resume_from), "resumed_at_step": run.step, **start}
+        run.log.write(start)
     return run
 
 
