@@ -1,21 +1,38 @@
-"""The README's Python examples run as written (with the real packaged MiniLM model)."""
+"""The Python examples of README.md and docs/*.md run as written (with the real packaged MiniLM model)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+# (page, index of the block in the page, the block's code) for every ```python block of every page.
+BLOCKS = [
+    (page, index, block)
+    for page in PAGES
+    for index, block in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
+]
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_python_example_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("page", "index", "block"),
+    BLOCKS,
+    ids=[f"{page.relative_to(ROOT)}:{index}" for page, index, _ in BLOCKS],
+)
+def test_python_example_runs(page, index, block, tmp_path, monkeypatch):
     # A block runs where what it imports is installed (the packaged MiniLM, sentence-transformers, ...).
-    for module in re.findall(r"^(?:from|import) (\w+)", BLOCKS[index], flags=re.M):
+    for module in re.findall(r"^(?:from|import) (\w+)", block, flags=re.M):
         pytest.importorskip(module)
     monkeypatch.chdir(tmp_path)
-    exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {})
+    exec(compile(block, f"{page.relative_to(ROOT)} python block {index}", "exec"), {})
+
+
+def test_examples_are_found_where_they_live():
+    # The README keeps short examples; the full ones moved to docs/usage.md (issue 18).
+    pages = {page.relative_to(ROOT).as_posix() for page, _, _ in BLOCKS}
+    assert {"README.md", "docs/usage.md"} <= pages
 
 
 def test_readme_has_the_two_setup_commands():
