@@ -51,7 +51,8 @@ def train_step(
     at the loss (for ``cache``, the loss of step (3), so ``dL/dS`` and the queries' cached gradients
     carry it through steps (4) and (5)). The ``.grad`` left behind are then scaled: call
     ``scaler.unscale_(optimizer)`` before clipping, ``scaler.step(optimizer)`` and ``scaler.update()``.
-    The returned loss and parts are unscaled.
+    The returned loss and parts are unscaled. With ``gather`` every rank must hold the same scale (each
+    scales the same global loss, and the gradients are summed over ranks before unscaling).
     """
     memory = memory or MemoryConfig()
     loss = loss or LossConfig()
