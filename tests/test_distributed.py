@@ -37,7 +37,8 @@ def grads_of(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def step(model, queries, passages, teacher, strategy, gather=None):
+def step(model, queries, passages, teacher, strategy, gather=None, scaler=None):
+    """``scaler`` runs the encoder under float16 autocast with that loss scaler (test_fp16)."""
     loss = LossConfig(kd_loss_type="kl_div")
     return train_step(
         model,
@@ -47,19 +48,24 @@ def step(model, queries, passages, teacher, strategy, gather=None):
         memory=MemoryConfig(strategy, sub_batch_size=3),
         loss=loss,
         teacher_scores=teacher,
+        autocast_dtype=None if scaler is None else torch.float16,
+        scaler=scaler,
         gather=gather,
     )
 
 
-def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
+def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all", fp16_scale=None):
+    """One rank's step; float64, or float32 weights under fp16 autocast with a loss scaler starting at
+    ``fp16_scale`` (its gradients saved scaled)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
         "gloo", rank=rank, world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=20)
     )
     from transformers import AutoTokenizer
 
-    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
-    model.train()
+    model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0)
+    model = model.train() if fp16_scale else model.double().train()
+    scaler = torch.amp.GradScaler("cpu", init_scale=fp16_scale) if fp16_scale else None
     n = B // WORLD
     queries = QUERIES[rank * n : (rank + 1) * n]
     passages = PASSAGES[rank * n * G : (rank + 1) * n * G]
@@ -71,7 +77,7 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
 
             model.forward = broken_forward
         gather = CrossDeviceGather(negatives)
-        parts = step(model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, gather)
+        parts = step(model, queries, passages, TEACHER[rank * n : (rank + 1) * n], strategy, gather, scaler)
         all_reduce_gradients(model)
         torch.save({"parts": parts, "grads": grads_of(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
     except Exception as err:
@@ -80,6 +86,13 @@ def worker(rank, port, tok_dir, out_dir, strategy, fail_rank, negatives="all"):
     # is still finishing the last all-reduce can abort: "terminate called without an active exception").
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, tok_dir, strategy, fail_rank=-1, negatives="all", fp16_scale=None) -> list[dict]:
+    """Spawn the WORLD ranks of :func:`worker` and return what each saved (its parts and gradients)."""
+    args = (free_port(), tok_dir, str(tmp_path), strategy, fail_rank, negatives, fp16_scale)
+    mp.spawn(worker, args=args, nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +106,12 @@ def tok_dir(tmp_path_factory):
 def test_two_processes_equal_one_process(tmp_path, tok_dir, strategy):
     from transformers import AutoTokenizer
 
-    mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), strategy, -1), nprocs=WORLD, join=True)
+    outs = run_ranks(tmp_path, tok_dir, strategy)
     model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
     model.train()
     ref_parts = step(model, QUERIES, PASSAGES, TEACHER, "none")
     ref = grads_of(model)
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for got in outs:
         for key, value in ref_parts.items():
             assert got["parts"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
         for name, grad in ref.items():
@@ -109,7 +121,7 @@ def test_two_processes_equal_one_process(tmp_path, tok_dir, strategy):
 def test_a_failing_rank_ends_the_job_with_its_rank_named(tmp_path, tok_dir):
     start = time.monotonic()
     with pytest.raises(Exception, match="rank 1 failed: injected failure"):
-        mp.spawn(worker, args=(free_port(), tok_dir, str(tmp_path), "cache", 1), nprocs=WORLD, join=True)
+        run_ranks(tmp_path, tok_dir, "cache", fail_rank=1)
     assert time.monotonic() - start < 60
 
 
@@ -117,9 +129,7 @@ def test_flagembedding_style_negatives_dense_global_rest_in_batch(tmp_path, tok_
     """negatives="dense": w_d·CE over the global batch + the mean over ranks of the in-batch rest."""
     from transformers import AutoTokenizer
 
-    mp.spawn(
-        worker, args=(free_port(), tok_dir, str(tmp_path), "cache", -1, "dense"), nprocs=WORLD, join=True
-    )
+    outs = run_ranks(tmp_path, tok_dir, "cache", negatives="dense")
     model = tiny_model(tokenizer=AutoTokenizer.from_pretrained(tok_dir), dropout=0.0, seed=0).double()
     model.train()
     cfg = LossConfig(kd_loss_type="kl_div")
@@ -138,8 +148,7 @@ def test_flagembedding_style_negatives_dense_global_rest_in_batch(tmp_path, tok_
         local = m3_loss(batch_scores(qs[r], ps[r], cfg), G, cfg, 0, TEACHER[r * n : (r + 1) * n], dense_term)
         total = total + local.loss / WORLD
     total.backward()
-    for rank in range(WORLD):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for got in outs:
         assert got["parts"]["dense"] == pytest.approx(float(dense_global.detach()), rel=1e-5)
         for name, param in model.named_parameters():
             diff = (got["grads"][name] - param.grad).abs().max()

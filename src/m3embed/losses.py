@@ -75,13 +75,23 @@ class LossConfig:
 
 @dataclass
 class LossOutput:
-    """The scalar to backpropagate and every named part of it (detached), for logging."""
+    """The scalar to backpropagate and every named part of it (detached), for logging.
+
+    ``unscaled`` is the loss to report when ``loss`` is not it: under fp16 loss scaling ``loss`` is
+    ``scale · L`` (what is backpropagated) and ``unscaled`` is ``L``.
+    """
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor]
+    unscaled: torch.Tensor | None = None
+
+    def detached(self) -> LossOutput:
+        """The same values cut from the graph (what a step returns once it has backpropagated)."""
+        return replace(self, loss=self.loss.detach())
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.parts.items()}}
+        loss = self.loss if self.unscaled is None else self.unscaled
+        return {"loss": float(loss.detach()), **{k: float(v) for k, v in self.parts.items()}}
 
 
 @dataclass

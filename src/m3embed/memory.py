@@ -193,7 +193,7 @@ def run_step(
 
     ``gradient_checkpointing(on)`` switches the encoder's own layer checkpointing for the
     ``checkpoint`` strategy (without it, each sub-batch's encode is checkpointed as a whole).
-    Returns the loss (detached) and its parts.
+    Returns the objective's :class:`LossOutput`, detached: what it backpropagated and what it reports.
     """
     size = config.sub_batch_size
     if size == "auto":
@@ -220,7 +220,7 @@ def _plain_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOut
     p = merge([encode(*_args(passages.select(rows))) for rows in p_plan], p_plan)
     out = objective.loss(objective.scores(objective.share(q), p))
     out.loss.backward()
-    return LossOutput(out.loss.detach(), out.parts)
+    return out.detached()
 
 
 def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOutput:
@@ -276,7 +276,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
             _backward_dot(rep.float_tensors(), grad)
         del rep
         trim()
-    return LossOutput(out.loss.detach(), out.parts)
+    return out.detached()
 
 
 def _score_passages(encode, objective, q_leaf, passages, p_plan, trim: HeapTrim):

@@ -6,14 +6,16 @@ The public entry point for users' own loops; ``m3embed train`` uses it too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from m3embed.distributed import CrossDeviceGather
-from m3embed.losses import LossConfig, M3Objective
-from m3embed.memory import EncodeFn, MemoryConfig, TokenBatch, run_step
+from m3embed.losses import BatchScores, LossConfig, LossOutput, M3Objective
+from m3embed.memory import EncodeFn, MemoryConfig, Objective, TokenBatch, run_step
 from m3embed.model import M3Model, check_texts
+from m3embed.reps import M3Reps
 
 TextsOrTokens = Sequence[str] | TokenBatch | Mapping[str, torch.Tensor]
 
@@ -31,6 +33,7 @@ def train_step(
     query_max_length: int = 512,
     passage_max_length: int = 512,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     gather: CrossDeviceGather | None = None,
 ) -> dict[str, float]:
     """Encode B queries and B·G passages, compute the BGE-M3 loss, backpropagate.
@@ -42,6 +45,14 @@ def train_step(
     strategy and sub-batching (default ``MemoryConfig()``: ``cache``, sub-batches of 8); ``gather``
     adds cross-device negatives (with several processes, then sum the gradients with
     :func:`m3embed.distributed.all_reduce_gradients`).
+
+    ``autocast_dtype`` runs the encoder under ``torch.autocast`` (scores and the loss stay fp32).
+    With ``scaler`` (fp16), what is backpropagated is ``scaler.scale(loss)``: the scale enters once,
+    at the loss (for ``cache``, the loss of step (3), so ``dL/dS`` and the queries' cached gradients
+    carry it through steps (4) and (5)). The ``.grad`` left behind are then scaled: call
+    ``scaler.unscale_(optimizer)`` before clipping, ``scaler.step(optimizer)`` and ``scaler.update()``.
+    The returned loss and parts are unscaled. With ``gather`` every rank must hold the same scale (each
+    scales the same global loss, and the gradients are summed over ranks before unscaling).
     """
     memory = memory or MemoryConfig()
     loss = loss or LossConfig()
@@ -66,12 +77,37 @@ def train_step(
     objective = M3Objective(loss, group_size, step, teacher)
     if gather is not None:
         objective = gather.objective(objective)
+    if scaler is not None:
+        objective = ScaledObjective(objective, scaler)
 
     def checkpointing(on: bool) -> None:
         model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
 
     out = run_step(encode, objective, q_batch, p_batch, memory, gradient_checkpointing=checkpointing)
     return out.as_floats()
+
+
+@dataclass(frozen=True)
+class ScaledObjective:
+    """``inner`` with its loss multiplied by the fp16 loss scale for backward (an :class:`Objective`).
+
+    The memory strategies backpropagate whatever ``loss()`` returns and never learn of the scale;
+    ``LossOutput.unscaled`` keeps the loss itself for reporting. Scores are not scaled: the scale
+    enters once, at the loss, and reaches every gradient through backward.
+    """
+
+    inner: Objective
+    scaler: torch.amp.GradScaler
+
+    def share(self, queries: M3Reps) -> M3Reps:
+        return self.inner.share(queries)
+
+    def scores(self, queries: M3Reps, passages: M3Reps) -> BatchScores:
+        return self.inner.scores(queries, passages)
+
+    def loss(self, scores: BatchScores) -> LossOutput:
+        out = self.inner.loss(scores)
+        return LossOutput(self.scaler.scale(out.loss), out.parts, unscaled=out.loss.detach())
 
 
 def _tokens(model: M3Model, texts: TextsOrTokens, max_length: int, device: torch.device) -> TokenBatch:
