@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from m3embed import scores as S
 from m3embed.checkpoint import write_atomic
 from m3embed.reps import M3Reps
-from m3embed.st_files import write_sentence_transformers_files
+from m3embed.st_files import max_seq_length, write_sentence_transformers_files
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,13 @@ class M3Model(nn.Module):
                     {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file
                 )
         write_atomic(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
-        write_sentence_transformers_files(directory, self)
+        write_sentence_transformers_files(
+            directory,
+            pooling=self.config.pooling,
+            normalize=self.config.normalize,
+            hidden_size=self.backbone.config.hidden_size,
+            max_seq_length=max_seq_length(self.tokenizer, self.backbone),
+        )
 
     def gradient_checkpointing_enable(self) -> None:
         """Layer-level activation checkpointing in the encoder (non-reentrant: RNG is replayed)."""
