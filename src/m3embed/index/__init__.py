@@ -1,0 +1,41 @@
+"""Corpus encoding to an on-disk index folder (being split into modules; see encode.py)."""
+
+from m3embed.index.encode import (
+    DTYPES,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_RECORD,
+    CorpusIndex,
+    CorpusScan,
+    Dtype,
+    IndexOptions,
+    encode_corpus,
+    index_folder,
+    index_summary,
+    lexical_weights_to_csr,
+    model_fingerprint,
+    model_name,
+    read_manifest,
+    scan_corpus,
+    vocab_size,
+)
+
+__all__ = [
+    "DTYPES",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "SHARD_RECORD",
+    "CorpusIndex",
+    "CorpusScan",
+    "Dtype",
+    "IndexOptions",
+    "encode_corpus",
+    "index_folder",
+    "index_summary",
+    "lexical_weights_to_csr",
+    "model_fingerprint",
+    "model_name",
+    "read_manifest",
+    "scan_corpus",
+    "vocab_size",
+]
