@@ -18,7 +18,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Point:
-    """What one benchmark point runs: a method on a workload at one batch size."""
+    """What one benchmark point runs: a method on a workload at one batch size.
+
+    Methods reach the workload only through this object (its model, texts and ``build_batch``), so
+    ``workloads.py`` may read the registry here and this module imports nothing from it.
+    """
 
     workload: Any  # workloads.Workload
     method: str
@@ -44,9 +48,7 @@ class Method:
 
 
 def _batch(point: Point, tokenizer) -> tuple[dict, dict]:
-    from workloads import build_batch
-
-    q, p = build_batch(point.workload, tokenizer, point.batch, point.data)
+    q, p = point.workload.build_batch(tokenizer, point.batch, point.data)
     return ({k: v.to(point.device) for k, v in q.items()}, {k: v.to(point.device) for k, v in p.items()})
 
 

@@ -149,6 +149,26 @@ class Workload:
     def sub_batch_of(self, method: str) -> int | None:
         return None if method.endswith("-none") else self.sub_batch.get(method, SUB_BATCH)
 
+    def build_batch(self, tokenizer, batch: int, data: Path) -> tuple[dict, dict]:
+        """Token ids of B queries and B·G passages, exactly ``query_len`` / ``passage_len`` tokens each."""
+        queries, passages = self.texts(self, batch, data)
+        if len(queries) < batch:
+            raise RuntimeError(f"only {len(queries)} queries available, need {batch}")
+
+        def tok(texts: list[str], length: int) -> dict:
+            enc = tokenizer(
+                _fill_to(texts, tokenizer, length),
+                truncation=True,
+                max_length=length,
+                padding="max_length",
+                return_tensors="pt",
+                return_token_type_ids=False,
+            )
+            assert bool(enc["attention_mask"].all()), "every text must fill max_length"
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+        return tok(queries, self.query_len), tok(passages, self.passage_len)
+
 
 # ---------------------------------------------------------------------- each workload's checks
 def default_checks(c: Any) -> None:
@@ -281,27 +301,6 @@ WORKLOADS = {
         ),
     )
 }
-
-
-def build_batch(workload: Workload, tokenizer, batch: int, data: Path) -> tuple[dict, dict]:
-    """Token ids of B queries and B·G passages, exactly ``query_len`` / ``passage_len`` tokens each."""
-    queries, passages = workload.texts(workload, batch, data)
-    if len(queries) < batch:
-        raise RuntimeError(f"only {len(queries)} queries available, need {batch}")
-
-    def tok(texts: list[str], length: int) -> dict:
-        enc = tokenizer(
-            _fill_to(texts, tokenizer, length),
-            truncation=True,
-            max_length=length,
-            padding="max_length",
-            return_tensors="pt",
-            return_token_type_ids=False,
-        )
-        assert bool(enc["attention_mask"].all()), "every text must fill max_length"
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    return tok(queries, workload.query_len), tok(passages, workload.passage_len)
 
 
 def _fill_to(texts: list[str], tokenizer, length: int) -> list[str]:

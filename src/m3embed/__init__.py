@@ -1,5 +1,6 @@
 """m3embed: BGE-M3-style embedding models (dense + sparse + ColBERT) trained with huge batches on little memory."""
 
+from m3embed._version import __version__ as __version__  # one definition, read by st_files too
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.model import M3Config, M3Model
@@ -26,4 +27,3 @@ def __getattr__(name: str):
 
 
 __all__ = ["LossConfig", "M3Config", "M3Model", "M3Reps", "MemoryConfig", "train_step", *_LAZY]
-__version__ = "0.1.0"

@@ -2,6 +2,9 @@
 
 The checkpoint layout is BGE-M3's (the HF encoder files + ``colbert_linear.pt`` + ``sparse_linear.pt``)
 so a directory moves both ways between FlagEmbedding and m3embed.
+
+Finding the files is :mod:`m3embed.loading`; checking and tokenising texts and shaping outputs as
+FlagEmbedding does is :mod:`m3embed.inference` (their public names are importable from here too).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -23,8 +26,10 @@ from tqdm.auto import tqdm
 
 from m3embed import scores as S
 from m3embed.checkpoint import write_atomic
+from m3embed.inference import autocast_for, check_texts, eval_mode, numpy_outputs, tokenize
+from m3embed.loading import load_head, no_library_progress_bars, resolve_model_path
 from m3embed.reps import M3Reps
-from m3embed.st_files import write_sentence_transformers_files
+from m3embed.st_files import max_seq_length, write_sentence_transformers_files
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +125,8 @@ class M3Model(nn.Module):
             "use_colbert": use_colbert,
         }
         saved.update({k: v for k, v in overrides.items() if v is not None})
-        colbert_state = _load_head(path / COLBERT_FILE)
-        sparse_state = _load_head(path / SPARSE_FILE)
+        colbert_state = load_head(path / COLBERT_FILE)
+        sparse_state = load_head(path / SPARSE_FILE)
         if colbert_state is not None and "colbert_dim" not in saved:
             saved["colbert_dim"] = int(colbert_state["weight"].shape[0])
         config = M3Config.from_dict(saved)
@@ -166,7 +171,13 @@ class M3Model(nn.Module):
                     {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file
                 )
         write_atomic(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
-        write_sentence_transformers_files(directory, self)
+        write_sentence_transformers_files(
+            directory,
+            pooling=self.config.pooling,
+            normalize=self.config.normalize,
+            hidden_size=self.backbone.config.hidden_size,
+            max_seq_length=max_seq_length(self.tokenizer, self.backbone),
+        )
 
     def gradient_checkpointing_enable(self) -> None:
         """Layer-level activation checkpointing in the encoder (non-reentrant: RNG is replayed)."""
@@ -256,12 +267,12 @@ class M3Model(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         outputs: dict[str, list[Any]] = {key: [None] * len(texts) for key, want in wanted.items() if want}
         if texts:
-            autocast = _autocast(self.device, use_fp16, use_bf16)
+            autocast = autocast_for(self.device, use_fp16, use_bf16)
             ids = self.tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=True)
             show = len(texts) > batch_size if show_progress_bar is None else show_progress_bar
             with eval_mode(self), tqdm(total=len(texts), desc="Encoding", disable=not show) as bar:
                 for rows, batch, reps in encode_batches(self, ids["input_ids"], batch_size, autocast):
-                    for key, values in _numpy_outputs(reps, batch, outputs).items():
+                    for key, values in numpy_outputs(reps, batch, outputs).items():
                         for i, value in zip(rows, values, strict=True):
                             outputs[key][i] = value
                     bar.update(len(rows))
@@ -346,122 +357,6 @@ class M3Model(nn.Module):
         return {k: v[0] for k, v in result.items()} if single else result
 
 
-# ---------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def no_library_progress_bars():
-    """transformers' own tqdm bars off for the duration (restored after): loading a local folder,
-    saving a checkpoint inside the training bar."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """:meth:`M3Model.tokenize` with a given tokenizer (e.g. a background thread's own copy).
-
-    Shapes: ``input_ids`` and ``attention_mask`` (len(texts), longest text in tokens, <= max_length).
-    """
-    batch = tokenizer(
-        list(texts),
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-        return_token_type_ids=False,
-    )
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
-def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | None = None) -> Path:
-    """The local folder of a model given as a folder path or a Hub name (``owner/name``).
-
-    What the user typed is named in every error, instead of the Hub client's "Repo id must be in the
-    form ..." for what was meant as a path: a string that looks like a path (starts with ``.``, ``/``
-    or ``~``, has more than one ``/``, or a backslash) is never sent to the Hub.
-    """
-    given = str(name_or_path)
-    path = Path(given).expanduser()
-    expected = "give a BGE-M3-layout folder or a Hub name"
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"model folder {given} has no config.json, so it is not a model folder; {expected} "
-                "(a folder with config.json, the tokenizer files and the weights, e.g. a checkpoint-<step>)"
-            )
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"model folder {given} is a file, not a folder; {expected}")
-    looks_like_path = given.startswith((".", "/", "~")) or given.count("/") > 1 or "\\" in given
-    if looks_like_path or not given:
-        raise FileNotFoundError(f"model folder {given} not found; {expected}")
-
-    # A Hub name: fetch the whole snapshot so the head files come too (FlagEmbedding does the same).
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(given, cache_dir=cache_dir))
-    except HFValidationError:
-        raise FileNotFoundError(f"model folder {given} not found; {expected}") from None
-    except LocalEntryNotFoundError:
-        hub = (
-            "the Hub is offline (HF_HUB_OFFLINE is set)"
-            if constants.HF_HUB_OFFLINE
-            else "the Hub could not be reached"
-        )
-        raise FileNotFoundError(
-            f"model folder {given} not found; {expected} ({given!r} is not a local folder, not in the "
-            f"Hub cache, and {hub})"
-        ) from None
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise FileNotFoundError(
-            f"model folder {given} not found; {expected} ({given!r} is not a local folder, and the Hub "
-            "has no public model of that name)"
-        ) from None
-
-
-def _load_head(path: Path) -> dict[str, torch.Tensor] | None:
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def check_texts(texts: list[Any]) -> None:
-    """ValueError naming the index of the first text that is not a non-empty string."""
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ValueError(
-                f"text at index {i} is {type(text).__name__} ({text!r:.40}), expected a non-empty str"
-            )
-        if not text.strip():
-            raise ValueError(
-                f"text at index {i} is empty; every text must contain at least one non-space character"
-            )
-
-
-def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:
-    """{str(token_id): max weight over the token's positions}, positive weights only."""
-    keep = weights > 0
-    token_ids, weights = token_ids[keep], weights[keep]
-    if token_ids.size == 0:
-        return {}
-    order = np.lexsort((weights, token_ids))  # by id, then weight: the last of each id is its max
-    token_ids, weights = token_ids[order], weights[order]
-    last = np.append(token_ids[1:] != token_ids[:-1], True)
-    return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
-
-
 def encode_batches(
     model: M3Model, token_ids: list[list[int]], batch_size: int, autocast: Any = None
 ) -> Iterator[tuple[list[int], dict[str, torch.Tensor], M3Reps]]:
@@ -497,52 +392,6 @@ def encode_batches(
             continue
         yield rows, batch, reps
         start += len(rows)
-
-
-def _numpy_outputs(
-    reps: M3Reps, batch: dict[str, torch.Tensor], keys: Collection[str]
-) -> dict[str, list[Any]]:
-    """One batch's outputs named by ``keys`` (FlagEmbedding's), as one NumPy value per text, in batch order.
-
-    Lexical weights and ColBERT vectors cover each text's own tokens only (no padding; ColBERT skips CLS).
-    """
-    lengths = batch["attention_mask"].sum(1).tolist()
-    out: dict[str, list[Any]] = {}
-    if "dense_vecs" in keys:
-        out["dense_vecs"] = list(reps.dense.float().cpu().numpy())
-    if "lexical_weights" in keys:
-        weights = reps.token_weights.float().cpu().numpy()
-        token_ids = batch["input_ids"].cpu().numpy()
-        out["lexical_weights"] = [
-            _lexical_weights(token_ids[k, :n], weights[k, :n]) for k, n in enumerate(lengths)
-        ]
-    if "colbert_vecs" in keys:
-        colbert = reps.colbert.float().cpu().numpy()
-        out["colbert_vecs"] = [colbert[k, : n - 1] for k, n in enumerate(lengths)]  # non-pad tokens after CLS
-    return out
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode for the duration (dropout off), then back in the mode it was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _autocast(device: torch.device, use_fp16: bool, use_bf16: bool):
-    if use_fp16 and use_bf16:
-        raise ValueError("use_fp16 and use_bf16 are exclusive")
-    if use_fp16:
-        if device.type != "cuda":
-            raise ValueError(f"use_fp16 needs a CUDA device (model is on {device}); use use_bf16 on CPU")
-        return torch.autocast("cuda", dtype=torch.float16)
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def _empty_cache(device: torch.device) -> None:

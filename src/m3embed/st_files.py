@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from m3embed._version import __version__
 from m3embed.checkpoint import write_atomic
-
-if TYPE_CHECKING:
-    from m3embed.model import M3Model
 
 MODULES_FILE = "modules.json"
 TRANSFORMER_CONFIG_FILE = "sentence_bert_config.json"
@@ -43,42 +41,48 @@ POOLING_DIR = "1_Pooling"
 NORMALIZE_DIR = "2_Normalize"
 
 
-def write_sentence_transformers_files(directory: Path, model: M3Model) -> None:
-    """Write what sentence-transformers needs to load ``directory`` as ``model``'s dense encoder.
+def write_sentence_transformers_files(
+    directory: Path,
+    *,
+    pooling: Literal["cls", "mean"],
+    normalize: bool,
+    hidden_size: int,
+    max_seq_length: int | None,
+) -> None:
+    """Write what sentence-transformers needs to load ``directory`` as a model's dense encoder.
 
+    The caller (``M3Model.save_pretrained``) passes what the files say: the pooling and normalisation
+    of its config, the encoder's hidden size and :func:`max_seq_length`, so this module needs no model.
     Each file is replaced atomically (written beside itself, then renamed), as checkpoint files are.
     """
     import transformers
 
-    import m3embed
-
-    config = model.config
     modules = [("", "Transformer"), (POOLING_DIR, "Pooling")]
-    if config.normalize:
+    if normalize:
         modules.append((NORMALIZE_DIR, "Normalize"))
     files: dict[str, Any] = {
         MODULES_FILE: [
             {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
             for i, (path, kind) in enumerate(modules)
         ],
-        TRANSFORMER_CONFIG_FILE: {"max_seq_length": max_seq_length(model), "do_lower_case": False},
+        TRANSFORMER_CONFIG_FILE: {"max_seq_length": max_seq_length, "do_lower_case": False},
         f"{POOLING_DIR}/config.json": {
-            "word_embedding_dimension": model.backbone.config.hidden_size,
-            "pooling_mode_cls_token": config.pooling == "cls",
-            "pooling_mode_mean_tokens": config.pooling == "mean",
+            "word_embedding_dimension": hidden_size,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
         },
         MODEL_CONFIG_FILE: {
             "model_type": "SentenceTransformer",
             "__version__": {
-                "m3embed": m3embed.__version__,
+                "m3embed": __version__,
                 "transformers": transformers.__version__,
                 "pytorch": torch.__version__,
             },
             "prompts": {},
             "default_prompt_name": None,
-            "similarity_fn_name": "cosine" if config.normalize else "dot",
+            "similarity_fn_name": "cosine" if normalize else "dot",
         },
     }
     for name, content in files.items():
@@ -87,8 +91,9 @@ def write_sentence_transformers_files(directory: Path, model: M3Model) -> None:
         write_atomic(path, json.dumps(content, indent=2) + "\n")
 
 
-def max_seq_length(model: M3Model) -> int | None:
-    """The longest input the encoder takes, in tokens; ``None`` when nothing says.
+def max_seq_length(tokenizer: Any, backbone: nn.Module) -> int | None:
+    """The longest input the encoder (``backbone`` with ``tokenizer``) takes, in tokens; ``None`` when
+    nothing says.
 
     The tokenizer's ``model_max_length`` (unless it is transformers' "no limit"), capped by the position
     table less its offset: RoBERTa-style positions start after the padding index, so XLM-R's 514
@@ -97,12 +102,12 @@ def max_seq_length(model: M3Model) -> int | None:
     from transformers.tokenization_utils_base import VERY_LARGE_INTEGER
 
     limits = []
-    tokenizer_max = getattr(model.tokenizer, "model_max_length", None)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
     if tokenizer_max and tokenizer_max < VERY_LARGE_INTEGER:
         limits.append(int(tokenizer_max))
-    positions = getattr(model.backbone.config, "max_position_embeddings", None)
+    positions = getattr(backbone.config, "max_position_embeddings", None)
     if positions and positions > 0:
-        limits.append(positions - _position_offset(model.backbone))
+        limits.append(positions - _position_offset(backbone))
     return min(limits) if limits else None
 
 

@@ -1,0 +1,102 @@
+"""What ``M3Model.encode`` does around the forward pass: texts checked and tokenised, eval mode and
+autocast for the duration, and a batch's outputs in FlagEmbedding's NumPy format."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Collection, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from m3embed.reps import M3Reps
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """:meth:`~m3embed.model.M3Model.tokenize` with a given tokenizer (e.g. a background thread's own copy).
+
+    Shapes: ``input_ids`` and ``attention_mask`` (len(texts), longest text in tokens, <= max_length).
+    """
+    batch = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+        return_token_type_ids=False,
+    )
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def check_texts(texts: list[Any]) -> None:
+    """ValueError naming the index of the first text that is not a non-empty string."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(
+                f"text at index {i} is {type(text).__name__} ({text!r:.40}), expected a non-empty str"
+            )
+        if not text.strip():
+            raise ValueError(
+                f"text at index {i} is empty; every text must contain at least one non-space character"
+            )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the duration (dropout off), then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def autocast_for(device: torch.device, use_fp16: bool, use_bf16: bool):
+    """The autocast context of an ``encode`` call: fp16 (CUDA only), bf16, or full precision."""
+    if use_fp16 and use_bf16:
+        raise ValueError("use_fp16 and use_bf16 are exclusive")
+    if use_fp16:
+        if device.type != "cuda":
+            raise ValueError(f"use_fp16 needs a CUDA device (model is on {device}); use use_bf16 on CPU")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def numpy_outputs(
+    reps: M3Reps, batch: dict[str, torch.Tensor], keys: Collection[str]
+) -> dict[str, list[Any]]:
+    """One batch's outputs named by ``keys`` (FlagEmbedding's), as one NumPy value per text, in batch order.
+
+    Lexical weights and ColBERT vectors cover each text's own tokens only (no padding; ColBERT skips CLS).
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    out: dict[str, list[Any]] = {}
+    if "dense_vecs" in keys:
+        out["dense_vecs"] = list(reps.dense.float().cpu().numpy())
+    if "lexical_weights" in keys:
+        weights = reps.token_weights.float().cpu().numpy()
+        token_ids = batch["input_ids"].cpu().numpy()
+        out["lexical_weights"] = [
+            _lexical_weights(token_ids[k, :n], weights[k, :n]) for k, n in enumerate(lengths)
+        ]
+    if "colbert_vecs" in keys:
+        colbert = reps.colbert.float().cpu().numpy()
+        out["colbert_vecs"] = [colbert[k, : n - 1] for k, n in enumerate(lengths)]  # non-pad tokens after CLS
+    return out
+
+
+def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, float]:
+    """{str(token_id): max weight over the token's positions}, positive weights only."""
+    keep = weights > 0
+    token_ids, weights = token_ids[keep], weights[keep]
+    if token_ids.size == 0:
+        return {}
+    order = np.lexsort((weights, token_ids))  # by id, then weight: the last of each id is its max
+    token_ids, weights = token_ids[order], weights[order]
+    last = np.append(token_ids[1:] != token_ids[:-1], True)
+    return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
