@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from m3embed.cli.common import quiet_unless_rank_0, user_errors
 from m3embed.cli.config_flags import add_setting_flags, in_flag_terms
@@ -77,10 +78,10 @@ def _eval_defaults() -> str:
     return EVAL_DEFAULTS.describe()
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    import yaml
-
-    from m3embed.train import RunConfig, demo_config, format_summary, load_config_file, merge_sections, train
+def config_from_args(args: argparse.Namespace):
+    """The :class:`~m3embed.train.RunConfig` that ``m3embed train`` runs with these parsed arguments:
+    the demo's config unless ``--config`` or ``--train-data``, then the file, then the flags."""
+    from m3embed.train import RunConfig, demo_config, load_config_file, merge_sections
 
     overrides: dict[str, dict] = {}
     for dest, value in vars(args).items():
@@ -97,15 +98,29 @@ def _run_train(args: argparse.Namespace) -> int:
             "no --config and no --train-data: running the built-in demo (all-MiniLM-L6-v2 on packaged debdesc data)"
         )
     try:
-        config = RunConfig.from_dict(merge_sections(base, overrides), where=args.config or "command line")
+        return RunConfig.from_dict(merge_sections(base, overrides), where=args.config or "command line")
     except ValueError as err:
         raise ValueError(in_flag_terms(str(err), overrides, args.config)) from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from m3embed.train import format_summary, train
+    from m3embed.train.precision import NonFiniteStop
+
+    config = config_from_args(args)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     rank = int(os.environ.get("RANK", "0"))
     quiet_unless_rank_0(rank)
-    result = train(config)
+    try:
+        result = train(config)
+    except NonFiniteStop as err:  # not bad input: the run went wrong; exit status 1, the message says why
+        if rank == 0:
+            print(f"m3embed train: error: {err}", file=sys.stderr)
+        return 1
     if rank == 0:
         print(format_summary(result))
     return 0
