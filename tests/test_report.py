@@ -5,7 +5,9 @@ import contextlib
 import io
 import json
 import logging
+import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +225,51 @@ def test_m3embed_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys, mo
     assert main(["plot", str(tmp_path)]) == 2
     assert "pip install 'm3embed[plot]'" in capsys.readouterr().err
     assert not (tmp_path / PLOT_FILE).exists()
+
+
+# ---------------------------------------------------------------------- the docs' example plot
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def documented_watch_command() -> list[str]:
+    """The `m3embed train ...` line of docs/usage.md's TensorBoard example, as argv after `m3embed`."""
+    text = (DOCS / "usage.md").read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("m3embed train ") and "--output-dir" in ln)
+    return shlex.split(line.split("#")[0])[1:]
+
+
+def same_setting(key: str, documented, logged) -> bool:
+    if key in ("train_data", "eval_data"):  # the packaged demo data: its path differs between installs
+        as_parts = lambda v: [Path(p).parts[-2:] for p in (v if isinstance(v, list) else [v])]  # noqa: E731
+        return as_parts(documented) == as_parts(logged)
+    return documented == logged
+
+
+def test_the_docs_plot_is_drawn_from_the_log_of_the_documented_command():
+    """docs/train_log_demo.png names (PNG text chunk) the sha256 of the log it was drawn from, which is
+    docs/train_log_demo.jsonl; that run's resolved config (its checkpoint's train_config.json, kept as
+    docs/train_log_demo_config.json) is what docs/usage.md's command runs."""
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from m3embed.cli import build_parser
+    from m3embed.cli.train import config_from_args
+    from m3embed.report import LOG_SHA256_KEY, file_sha256
+
+    log_file, png = DOCS / "train_log_demo.jsonl", DOCS / "train_log_demo.png"
+    assert Image.open(png).info.get(LOG_SHA256_KEY) == file_sha256(log_file), (
+        "the plot is not drawn from that log"
+    )
+    assert "](train_log_demo.png)" in (DOCS / "usage.md").read_text()
+
+    documented = config_from_args(build_parser().parse_args(documented_watch_command())).to_dict()
+    entries = read_log(log_file)
+    logged = json.loads((DOCS / "train_log_demo_config.json").read_text())  # its checkpoint's train_config.json
+    differ = [
+        f"{section}.{key}: documented {value!r}, logged {logged[section].get(key)!r}"
+        for section, values in documented.items()
+        for key, value in values.items()
+        if not same_setting(key, value, logged[section].get(key))
+    ]
+    assert not differ, differ
+    assert "summary" in entries[-1] and entries[-1]["summary"]["steps"] == documented["train"]["max_steps"]

@@ -105,12 +105,14 @@ class M3Model(nn.Module):
         torch_dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
+        warn_new_heads: bool = True,
     ) -> M3Model:
         """Load a BGE-M3-layout directory or Hub name (e.g. ``BAAI/bge-m3``).
 
         Arguments left at ``None`` come from the directory's ``m3embed_config.json`` when present,
         else from :class:`M3Config`'s defaults. Missing head files mean freshly initialised heads
-        (logged as a warning). A folder that does not exist, or is no model, raises
+        (logged as a warning; at INFO with ``warn_new_heads=False``, for a caller that starts them
+        itself, as training does from the encoder). A folder that does not exist, or is no model, raises
         ``FileNotFoundError`` / ``ValueError`` naming what was given.
         """
         from transformers import AutoModel, AutoTokenizer
@@ -144,7 +146,8 @@ class M3Model(nn.Module):
             if head is None:
                 continue
             if state is None:
-                logger.warning("%s not found in %s: that head is freshly initialised", file, path)
+                level = logging.WARNING if warn_new_heads else logging.INFO
+                logger.log(level, "%s not found in %s: that head is freshly initialised", file, path)
             else:
                 head.load_state_dict(state)
                 model.new_heads.discard(name)

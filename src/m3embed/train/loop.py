@@ -137,10 +137,8 @@ def setup(config: RunConfig, info: distributed.DistInfo) -> Run:
         resumed_at = run.step if resume_from is not None else None
         reports = report.RunReports.start(tc.report_to, tc.output_dir, resumed_at)
         run.log = RunLog(Path(tc.output_dir) / LOG_FILE, reports)
-        start = {"config": config.to_dict()}  # the resolved config: the log says what run it records
         if resume_from is not None:
-            start = {"resumed_from": str(resume_from), "resumed_at_step": run.step, **start}
-        run.log.write(start)
+            run.log.write({"resumed_from": str(resume_from), "resumed_at_step": run.step})
     return run
 
 
@@ -175,7 +173,9 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
     head_flags = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
-    return M3Model.from_pretrained(path, pooling=pooling, device=device, **head_flags)
+    # Heads the model comes without are started from the encoder (head_init) and say so then.
+    quiet = tc.head_init == "encoder" and tc.resume is None
+    return M3Model.from_pretrained(path, pooling=pooling, device=device, warn_new_heads=not quiet, **head_flags)
 
 
 def _evaluate(run: Run) -> dict[str, float] | None:
