@@ -796,3 +796,44 @@ def test_eval_checks_every_file_before_encoding(
     with pytest.raises(ValueError, match=message):
         evaluate_beir(xlmr_model, folder)
     assert calls == []
+
+
+# ---------------------------------------------------------------------- the index finds its model
+def test_search_finds_the_indexs_model_from_another_working_directory(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    xlmr_model.save_pretrained(repo / "runs" / "demo" / "checkpoint-18")
+    elsewhere.mkdir()
+    monkeypatch.chdir(repo)
+    corpus, queries = str(beir / "corpus.jsonl"), str(beir / "queries.jsonl")
+    assert main(["encode", "runs/demo/checkpoint-18", corpus, "index", "--no-progress"]) == 0
+    manifest_path = repo / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model"]["name"] == str((repo / "runs" / "demo" / "checkpoint-18").resolve())
+
+    monkeypatch.chdir(elsewhere)  # no --model: the recorded folder is found from here too
+    assert main(["search", str(repo / "index"), queries, "--output", "runs"]) == 0
+    assert len(read_trec(elsewhere / "runs" / "dense.trec")) == N_QUERIES
+
+    # An index written before the path was recorded absolute: as typed, relative to the index's parent.
+    manifest["model"]["name"] = "runs/demo/checkpoint-18"
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["search", str(repo / "index"), queries, "--output", "runs2"]) == 0
+
+    (repo / "runs" / "demo" / "checkpoint-18").rename(repo / "runs" / "demo" / "moved")
+    capsys.readouterr()
+    assert main(["search", str(repo / "index"), queries]) == 2
+    err = capsys.readouterr().err
+    assert f"the model recorded in {manifest_path}, runs/demo/checkpoint-18, is not found" in err
+    assert str(elsewhere / "runs/demo/checkpoint-18") in err and str(repo / "runs/demo/checkpoint-18") in err
+    assert "pass --model PATH" in err
+
+    manifest["model"]["name"] = str(repo / "runs" / "demo" / "checkpoint-18")  # a new index, model moved
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["search", str(repo / "index"), queries]) == 2
+    err = capsys.readouterr().err
+    assert f"the model recorded in {manifest_path}, {repo / 'runs/demo/checkpoint-18'}, is not found" in err
+    assert "pass --model PATH" in err
+    args = ["search", str(repo / "index"), queries, "--model", str(repo / "runs" / "demo" / "moved")]
+    assert main([*args, "--output", "runs3"]) == 0

@@ -277,16 +277,20 @@ def _run_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from m3embed.beir import read_queries
-    from m3embed.index import CorpusIndex
+    from m3embed.index import MANIFEST, CorpusIndex
     from m3embed.search import Searcher, SearchOptions, write_jsonl, write_trec
 
     index = CorpusIndex(args.index)
     queries = {qid: q.text for qid, q in read_queries(args.queries).items()}  # checked before the model loads
-    recorded = index.manifest["model"]
-    model_path = args.model or recorded["name"]
-    if not model_path:
-        raise SystemExit(f"{args.index}: the index does not record a model path; pass --model")
-    model = _load_model(model_path, args, config=recorded["config"])
+    model_path = args.model or index.recorded_model()
+    try:
+        model = _load_model(model_path, args, config=index.manifest["model"]["config"])
+    except FileNotFoundError as err:
+        if args.model:
+            raise
+        raise FileNotFoundError(
+            f"the model recorded in {index.path / MANIFEST} is not found: {err}; pass --model PATH"
+        ) from None
     options = SearchOptions(
         top_k=args.top_k,
         candidates=args.candidates,
