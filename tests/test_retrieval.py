@@ -837,3 +837,18 @@ def test_search_finds_the_indexs_model_from_another_working_directory(
     assert "pass --model PATH" in err
     args = ["search", str(repo / "index"), queries, "--model", str(repo / "runs" / "demo" / "moved")]
     assert main([*args, "--output", "runs3"]) == 0
+
+
+# ---------------------------------------------------------------------- flags named in errors
+@pytest.mark.parametrize("command", ["encode", "eval"])
+def test_a_bad_batch_size_names_the_flag(xlmr_model, beir: Path, tmp_path: Path, capsys, command) -> None:
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    args = {
+        "encode": ["encode", str(model_dir), str(beir / "corpus.jsonl"), str(tmp_path / "i")],
+        "eval": ["eval", str(model_dir), str(beir)],
+    }[command]
+    assert main([*args, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"m3embed {command}: error: --batch-size must be ≥ 1, got 0" in err
+    assert "Options" not in err

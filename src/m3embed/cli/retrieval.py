@@ -48,7 +48,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete an existing index at OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_encode))
+    p.set_defaults(func=user_errors(_run_encode, flags={"IndexOptions.max_length": "--max-length"}))
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -147,7 +147,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_eval))
+    p.set_defaults(func=user_errors(_run_eval, flags=_PASSAGE_FLAG))
 
 
 def _add_mine(sub: argparse._SubParsersAction) -> None:
@@ -179,7 +179,10 @@ def _add_mine(sub: argparse._SubParsersAction) -> None:
     _index_dir_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_mine))
+    p.set_defaults(func=user_errors(_run_mine, flags={**_PASSAGE_FLAG, "MineOptions.rank_range": "--range"}))
+
+
+_PASSAGE_FLAG = {"IndexOptions.max_length": "--passage-max-length"}  # eval's and mine's index
 
 
 def _index_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -316,6 +319,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from m3embed.evaluate import evaluate_beir, markdown_report
 
+    _check_eval_flags(args)
     with _processes(args) as ranks:
         model = _load_model(args.model, args)
         result = evaluate_beir(
@@ -347,6 +351,22 @@ def _run_eval(args: argparse.Namespace) -> int:
         (out / "eval.md").write_text(report)
         print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return 0
+
+
+def _check_eval_flags(args: argparse.Namespace) -> None:
+    """The options evaluate_beir builds from these flags, built once here so that a bad flag fails
+    before the model loads and the files are read."""
+    from m3embed.index import IndexOptions
+    from m3embed.search import SearchOptions
+
+    IndexOptions(max_length=args.passage_max_length, batch_size=args.batch_size, shard_size=args.shard_size)
+    SearchOptions(
+        top_k=args.top_k,
+        candidates=args.candidates,
+        weights=tuple(args.weights),
+        query_max_length=args.query_max_length,
+        batch_size=args.batch_size,
+    )
 
 
 def _run_mine(args: argparse.Namespace) -> int:
