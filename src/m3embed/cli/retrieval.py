@@ -200,8 +200,9 @@ def _shard_size_arg(p: argparse.ArgumentParser) -> None:
         "--shard-size",
         type=int,
         default=default,
-        help=f"documents per index shard: the unit of resuming, and of sharing out the encoding under "
-        f"torchrun (default {default})",
+        help=f"documents per index shard: the unit of resuming (a kill loses at most one shard's work; "
+        f"{default} documents are 1-2 minutes for a small model on a CPU: raise it on a GPU) and of "
+        f"sharing out the encoding under torchrun (default {default})",
     )
 
 
