@@ -20,9 +20,11 @@ from m3embed.cli import main
 from m3embed.evaluate import compute_metrics, evaluate_beir, markdown_report
 from m3embed.index import CorpusIndex, IndexOptions, encode_corpus
 from m3embed.mine import MineOptions, mine_hard_negatives
-from m3embed.model import M3Config
+from m3embed.model import M3Config, M3Model
 from m3embed.search import MODES, Searcher, SearchOptions, read_trec, write_jsonl, write_trec
 from m3embed.testing import sample_texts, tiny_model
+from m3embed.train import train
+from test_train import run_config, write_lines  # a checkpoint written by m3embed train
 
 N_DOCS, N_QUERIES = 40, 6
 WEIGHTS = (0.4, 0.2, 0.4)
@@ -755,14 +757,19 @@ def test_eval_defaults_are_the_shared_ones_and_help_says_them(capsys) -> None:
 
     args = build_parser().parse_args(["eval", "MODEL", "FOLDER"])
     signature = inspect.signature(evaluate_beir).parameters
-    for name in ("query_max_length", "passage_max_length", "batch_size", "top_k", "candidates", "seed"):
+    for name in ("query_max_length", "passage_max_length"):  # unset: the model's, else the shared ones
+        assert args.__dict__[name] is None and signature[name].default == getattr(EVAL_DEFAULTS, name)
+    for name in ("batch_size", "top_k", "candidates", "seed"):
         assert getattr(args, name) == signature[name].default == getattr(EVAL_DEFAULTS, name), name
     assert args.split == signature["split"].default == EVAL_DEFAULTS.split
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert EVAL_DEFAULTS.describe() in help_text
-    assert f"(default {EVAL_DEFAULTS.query_max_length}, as the demo)" in help_text
+    assert (
+        "(default: the query_max_length the model was trained with (its train_config.json), "
+        f"else {EVAL_DEFAULTS.query_max_length}, as the demo)"
+    ) in help_text
 
 
 @pytest.mark.parametrize(
@@ -796,3 +803,191 @@ def test_eval_checks_every_file_before_encoding(
     with pytest.raises(ValueError, match=message):
         evaluate_beir(xlmr_model, folder)
     assert calls == []
+
+
+# ---------------------------------------------------------------------- the index finds its model
+def test_search_finds_the_indexs_model_from_another_working_directory(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    xlmr_model.save_pretrained(repo / "runs" / "demo" / "checkpoint-18")
+    elsewhere.mkdir()
+    monkeypatch.chdir(repo)
+    corpus, queries = str(beir / "corpus.jsonl"), str(beir / "queries.jsonl")
+    assert main(["encode", "runs/demo/checkpoint-18", corpus, "index", "--no-progress"]) == 0
+    manifest_path = repo / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model"]["name"] == str((repo / "runs" / "demo" / "checkpoint-18").resolve())
+
+    monkeypatch.chdir(elsewhere)  # no --model: the recorded folder is found from here too
+    assert main(["search", str(repo / "index"), queries, "--output", "runs"]) == 0
+    assert len(read_trec(elsewhere / "runs" / "dense.trec")) == N_QUERIES
+
+    # An index written before the path was recorded absolute: as typed, relative to the index's parent.
+    manifest["model"]["name"] = "runs/demo/checkpoint-18"
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["search", str(repo / "index"), queries, "--output", "runs2"]) == 0
+
+    (repo / "runs" / "demo" / "checkpoint-18").rename(repo / "runs" / "demo" / "moved")
+    capsys.readouterr()
+    assert main(["search", str(repo / "index"), queries]) == 2
+    err = capsys.readouterr().err
+    assert f"the model recorded in {manifest_path}, runs/demo/checkpoint-18, is not found" in err
+    assert str(elsewhere / "runs/demo/checkpoint-18") in err and str(repo / "runs/demo/checkpoint-18") in err
+    assert "pass --model PATH" in err
+
+    manifest["model"]["name"] = str(repo / "runs" / "demo" / "checkpoint-18")  # a new index, model moved
+    manifest_path.write_text(json.dumps(manifest))
+    assert main(["search", str(repo / "index"), queries]) == 2
+    err = capsys.readouterr().err
+    assert f"the model recorded in {manifest_path}, {repo / 'runs/demo/checkpoint-18'}, is not found" in err
+    assert "pass --model PATH" in err
+    args = ["search", str(repo / "index"), queries, "--model", str(repo / "runs" / "demo" / "moved")]
+    assert main([*args, "--output", "runs3"]) == 0
+
+
+# ---------------------------------------------------------------------- one set of lengths per model
+QUERY_LENGTH, PASSAGE_LENGTH = 12, 40  # shorter than most test texts, and no command's default
+
+
+@pytest.fixture(scope="module")
+def trained(xlmr_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint written by `m3embed train` with non-default lengths (in its train_config.json)."""
+    folder = tmp_path_factory.mktemp("trained")
+    tiny_model("xlmr", tokenizer=xlmr_tokenizer).save_pretrained(folder / "base")
+    data = write_lines(folder / "train.jsonl")
+    config = run_config(
+        str(folder / "base"),
+        data,
+        folder / "run",
+        max_steps=2,
+        query_max_length=QUERY_LENGTH,
+        passage_max_length=PASSAGE_LENGTH,
+    )
+    return train(config).checkpoint
+
+
+def _max_lengths_seen(monkeypatch) -> list[int]:
+    """Patch ``M3Model.encode`` to record the max_length of every call."""
+    real_encode, seen = M3Model.encode, []
+
+    def encode(self, texts, **kwargs):
+        seen.append(kwargs["max_length"])
+        return real_encode(self, texts, **kwargs)
+
+    monkeypatch.setattr(M3Model, "encode", encode)
+    return seen
+
+
+def _lengths_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("lengths:")]
+
+
+def test_every_command_uses_the_lengths_the_checkpoint_was_trained_with(
+    trained: Path, beir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    seen = _max_lengths_seen(monkeypatch)
+    corpus, queries = str(beir / "corpus.jsonl"), str(beir / "queries.jsonl")
+    train_file = tmp_path / "train.jsonl"
+    _write_jsonl(train_file, [{"query": "a tool", "pos": [_corpus_texts(beir)[0]]}])
+    source = f"(from {trained / 'train_config.json'})"
+    both = f"lengths: queries {QUERY_LENGTH}, passages {PASSAGE_LENGTH} tokens {source}"
+    runs = tmp_path / "runs"
+    commands = [
+        (
+            ["encode", str(trained), corpus, str(tmp_path / "i")],
+            {PASSAGE_LENGTH},
+            f"passages {PASSAGE_LENGTH}",
+        ),
+        (
+            ["search", str(tmp_path / "i"), queries, "--output", str(runs)],
+            {QUERY_LENGTH},
+            f"queries {QUERY_LENGTH}",
+        ),
+        (["eval", str(trained), str(beir), "--modes", "dense"], {QUERY_LENGTH, PASSAGE_LENGTH}, both),
+        (
+            ["mine", str(trained), str(train_file), corpus, "--output", str(tmp_path / "m.jsonl")],
+            {QUERY_LENGTH, PASSAGE_LENGTH},
+            both,
+        ),
+    ]
+    for args, lengths, said in commands:
+        seen.clear()
+        caplog.clear()
+        assert main([*args, "--no-progress"] if args[0] != "search" else args) == 0, args[0]
+        assert set(seen) == lengths, args[0]
+        lines = _lengths_lines(caplog)
+        assert len(lines) == 1 and said in lines[0] and source in lines[0], (args[0], lines)
+
+    caplog.clear()  # a flag wins over the checkpoint; each length says where it came from
+    assert main(["eval", str(trained), str(beir), "--modes", "dense", "--query-max-length", "7"]) == 0
+    assert _lengths_lines(caplog) == [
+        f"lengths: queries 7 tokens (--query-max-length), passages {PASSAGE_LENGTH} tokens {source}"
+    ]
+
+
+def test_a_model_without_train_config_keeps_each_commands_default(
+    xlmr_model, beir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    seen = _max_lengths_seen(monkeypatch)
+    assert main(["eval", str(model_dir), str(beir), "--modes", "dense"]) == 0
+    assert set(seen) == {32, 128}
+    assert _lengths_lines(caplog) == [
+        f"lengths: queries 32, passages 128 tokens (default; {model_dir} has no train_config.json)"
+    ]
+
+
+def _read_run_jsonl(path: Path) -> dict[str, list[tuple[str, float]]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {row["query_id"]: [(h["doc_id"], h["score"]) for h in row["hits"]] for row in rows}
+
+
+def test_encode_and_search_score_what_eval_scores(trained: Path, beir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "beir"  # graded qrels over the whole corpus: nDCG@10 moves with any reordering
+    (folder / "qrels").mkdir(parents=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        (folder / name).write_bytes((beir / name).read_bytes())
+    rows = [f"q{q}\td{d}\t{(q + d) % 4}" for q in range(N_QUERIES) for d in range(N_DOCS)]
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    modes = ["dense", "sparse", "colbert+sparse+dense"]
+    # The same batch size as eval's: padding differs with it, and so may the last digits of a score.
+    args = ["encode", str(trained), str(folder / "corpus.jsonl"), str(tmp_path / "i"), "--batch-size", "64"]
+    assert main([*args, "--no-progress"]) == 0
+    runs = tmp_path / "runs"
+    assert (
+        main(
+            [
+                "search",
+                str(tmp_path / "i"),
+                str(folder / "queries.jsonl"),
+                "--mode",
+                *modes,
+                "--output",
+                str(runs),
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", str(trained), str(folder), "--modes", *modes, "--output", str(tmp_path / "e")]) == 0
+    result = json.loads((tmp_path / "e" / "eval.json").read_text())
+    qrels = read_qrels(folder / "qrels" / "test.tsv")
+    for mode in modes:
+        means, _ = compute_metrics(qrels, _read_run_jsonl(runs / f"{mode}.jsonl"))
+        assert abs(means["ndcg@10"] - result[mode]["ndcg@10"]) <= 1e-9, mode
+
+
+# ---------------------------------------------------------------------- flags named in errors
+@pytest.mark.parametrize("command", ["encode", "eval"])
+def test_a_bad_batch_size_names_the_flag(xlmr_model, beir: Path, tmp_path: Path, capsys, command) -> None:
+    model_dir = tmp_path / "model"
+    xlmr_model.save_pretrained(model_dir)
+    args = {
+        "encode": ["encode", str(model_dir), str(beir / "corpus.jsonl"), str(tmp_path / "i")],
+        "eval": ["eval", str(model_dir), str(beir)],
+    }[command]
+    assert main([*args, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"m3embed {command}: error: --batch-size must be ≥ 1, got 0" in err
+    assert "Options" not in err

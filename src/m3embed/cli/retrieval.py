@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 
+from m3embed.cli import lengths as length_flags
 from m3embed.cli.common import quiet_unless_rank_0, user_errors
+
+logger = logging.getLogger("m3embed.cli")
 
 
 def add_retrieval(sub: argparse._SubParsersAction) -> None:
@@ -31,8 +35,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-length",
         type=int,
-        default=d.max_length,
-        help=f"passage truncation in tokens (default {d.max_length})",
+        help=length_flags.length_help("passage_max_length", d.max_length),
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     _shard_size_arg(p)
@@ -48,7 +51,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete an existing index at OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_encode))
+    p.set_defaults(func=user_errors(_run_encode, flags={"IndexOptions.max_length": "--max-length"}))
 
 
 def _add_search(sub: argparse._SubParsersAction) -> None:
@@ -73,8 +76,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--query-max-length",
         type=int,
-        default=d.query_max_length,
-        help=f"query truncation in tokens (default {d.query_max_length})",
+        help=length_flags.length_help(
+            "query_max_length", d.query_max_length, "; passages were cut when the index was encoded"
+        ),
     )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     p.add_argument("--numpy", action="store_true", help="exact NumPy dense search instead of faiss")
@@ -113,7 +117,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="encode + search + nDCG@10 / Recall@100 / MRR@10 on a BEIR folder",
         description="Encode a BEIR folder's corpus, search it in every mode and score the runs. The "
         "defaults are the ones the demo and `m3embed train --eval` use, so a checkpoint gets the same "
-        f"numbers from all three: {ED.describe()}.",
+        f"numbers from all three: {ED.describe()}. The lengths of a checkpoint written by `m3embed "
+        "train` are the ones it was trained with (its train_config.json), unless given as flags.",
     )
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
@@ -126,14 +131,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=ED.seed, help=f"seed of the --max-docs sample (default {ED.seed})"
     )
-    for what in ("query", "passage"):
-        value = getattr(ED, f"{what}_max_length")
-        p.add_argument(
-            f"--{what}-max-length",
-            type=int,
-            default=value,
-            help=f"{what} truncation in tokens (default {value}, as the demo)",
-        )
+    length_flags.add_length_args(p, {k: getattr(ED, k) for k in length_flags.FLAGS}, ", as the demo")
     p.add_argument(
         "--batch-size",
         type=int,
@@ -147,7 +145,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_eval))
+    p.set_defaults(func=user_errors(_run_eval, flags=_PASSAGE_FLAG))
 
 
 def _add_mine(sub: argparse._SubParsersAction) -> None:
@@ -173,13 +171,17 @@ def _add_mine(sub: argparse._SubParsersAction) -> None:
         "--negatives", type=int, default=d.negatives, help=f"negatives per query (default {d.negatives})"
     )
     p.add_argument("--mode", choices=MODES, default=d.mode, help=f"default {d.mode}")
-    for name in ("query_max_length", "passage_max_length", "batch_size", "shard_size", "seed"):
+    length_flags.add_length_args(p, {k: getattr(d, k) for k in length_flags.FLAGS})
+    for name in ("batch_size", "shard_size", "seed"):
         flag = "--" + name.replace("_", "-")
         p.add_argument(flag, type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
     _index_dir_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_mine))
+    p.set_defaults(func=user_errors(_run_mine, flags={**_PASSAGE_FLAG, "MineOptions.rank_range": "--range"}))
+
+
+_PASSAGE_FLAG = {"IndexOptions.max_length": "--passage-max-length"}  # eval's and mine's index
 
 
 def _index_dir_arg(p: argparse.ArgumentParser) -> None:
@@ -198,8 +200,9 @@ def _shard_size_arg(p: argparse.ArgumentParser) -> None:
         "--shard-size",
         type=int,
         default=default,
-        help=f"documents per index shard: the unit of resuming, and of sharing out the encoding under "
-        f"torchrun (default {default})",
+        help=f"documents per index shard: the unit of resuming (a kill loses at most one shard's work; "
+        f"{default} documents are 1-2 minutes for a small model on a CPU: raise it on a GPU) and of "
+        f"sharing out the encoding under torchrun (default {default})",
     )
 
 
@@ -248,8 +251,11 @@ def _load_model(path: str, args: argparse.Namespace, config: dict | None = None)
 def _run_encode(args: argparse.Namespace) -> int:
     from m3embed.index import IndexOptions, encode_corpus, index_summary
 
+    key = "passage_max_length"
+    flags = {key: "--max-length"}
+    lengths, said = length_flags.resolve(args.model, args, {key: IndexOptions.max_length}, flags)
     options = IndexOptions(
-        max_length=args.max_length,
+        max_length=lengths[key],
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         dtype=args.dtype,
@@ -258,6 +264,7 @@ def _run_encode(args: argparse.Namespace) -> int:
         colbert=not args.no_colbert,
     )
     with _processes(args) as ranks:
+        logger.info(said)
         model = _load_model(args.model, args)
         out = encode_corpus(
             model,
@@ -277,24 +284,33 @@ def _run_search(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from m3embed.beir import read_queries
-    from m3embed.index import CorpusIndex
+    from m3embed.index import MANIFEST, CorpusIndex
     from m3embed.search import Searcher, SearchOptions, write_jsonl, write_trec
 
     index = CorpusIndex(args.index)
     queries = {qid: q.text for qid, q in read_queries(args.queries).items()}  # checked before the model loads
-    recorded = index.manifest["model"]
-    model_path = args.model or recorded["name"]
-    if not model_path:
-        raise SystemExit(f"{args.index}: the index does not record a model path; pass --model")
-    model = _load_model(model_path, args, config=recorded["config"])
+    model_path = args.model or index.recorded_model()
+    key = "query_max_length"
+    lengths, said = length_flags.resolve(model_path, args, {key: SearchOptions.query_max_length})
     options = SearchOptions(
         top_k=args.top_k,
         candidates=args.candidates,
         weights=tuple(args.weights),
-        query_max_length=args.query_max_length,
+        query_max_length=lengths[key],
         batch_size=args.batch_size,
         use_faiss=not args.numpy,
     )
+    logger.info(
+        "%s; passages %d tokens (as the index was encoded)", said, index.manifest["options"]["max_length"]
+    )
+    try:
+        model = _load_model(model_path, args, config=index.manifest["model"]["config"])
+    except FileNotFoundError as err:
+        if args.model:
+            raise
+        raise FileNotFoundError(
+            f"the model recorded in {index.path / MANIFEST} is not found: {err}; pass --model PATH"
+        ) from None
     searcher = Searcher(index, model, options)
     runs = searcher.search_modes(queries, args.mode)
     out = Path(args.output)
@@ -310,16 +326,20 @@ def _run_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from m3embed.eval_defaults import EVAL_DEFAULTS
     from m3embed.evaluate import evaluate_beir, markdown_report
 
+    defaults = {key: getattr(EVAL_DEFAULTS, key) for key in length_flags.FLAGS}
+    lengths, said = length_flags.resolve(args.model, args, defaults)
+    _check_eval_flags(args, lengths)
     with _processes(args) as ranks:
+        logger.info(said)
         model = _load_model(args.model, args)
         result = evaluate_beir(
             model,
             args.beir_folder,
             args.split,
-            query_max_length=args.query_max_length,
-            passage_max_length=args.passage_max_length,
+            **lengths,
             batch_size=args.batch_size,
             max_docs=args.max_docs,
             modes=args.modes,
@@ -345,20 +365,40 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_flags(args: argparse.Namespace, lengths: dict[str, int]) -> None:
+    """The options evaluate_beir builds from these flags, built once here so that a bad flag fails
+    before the model loads and the files are read."""
+    from m3embed.index import IndexOptions
+    from m3embed.search import SearchOptions
+
+    IndexOptions(
+        max_length=lengths["passage_max_length"], batch_size=args.batch_size, shard_size=args.shard_size
+    )
+    SearchOptions(
+        top_k=args.top_k,
+        candidates=args.candidates,
+        weights=tuple(args.weights),
+        query_max_length=lengths["query_max_length"],
+        batch_size=args.batch_size,
+    )
+
+
 def _run_mine(args: argparse.Namespace) -> int:
     from m3embed.mine import MineOptions, mine_hard_negatives
 
+    defaults = {key: getattr(MineOptions, key) for key in length_flags.FLAGS}
+    lengths, said = length_flags.resolve(args.model, args, defaults)
     options = MineOptions(
         rank_range=tuple(args.range),
         negatives=args.negatives,
         mode=args.mode,
-        query_max_length=args.query_max_length,
-        passage_max_length=args.passage_max_length,
+        **lengths,
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         seed=args.seed,
     )
     with _processes(args) as ranks:
+        logger.info(said)
         model = _load_model(args.model, args)
         stats = mine_hard_negatives(
             model,

@@ -41,8 +41,16 @@ def model_fingerprint(model: M3Model) -> str:
 
 
 def model_name(model: M3Model) -> str:
-    """The path or Hub name the model was loaded from (empty for models built in memory)."""
-    return str(getattr(model.backbone.config, "_name_or_path", "") or "")
+    """The folder the model was loaded from, as an absolute path, or the Hub name it was loaded by
+    (empty for models built in memory).
+
+    Absolute because the index records it: ``m3embed search`` run from another folder than
+    ``m3embed encode`` must still find the model (a path as typed, ``runs/x/checkpoint-18``, would be
+    looked for relative to wherever search runs).
+    """
+    name = str(getattr(model.backbone.config, "_name_or_path", "") or "")
+    folder = Path(name).expanduser()
+    return str(folder.resolve()) if name and folder.is_dir() else name
 
 
 def vocab_size(model: M3Model) -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from m3embed.index.manifest import read_manifest
+from m3embed.index.manifest import MANIFEST, read_manifest
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -78,6 +78,31 @@ class CorpusIndex:
     def fingerprint(self) -> str:
         return self.manifest["model"]["fingerprint"]
 
+    def recorded_model(self) -> str:
+        """The model that built the index, as recorded in its manifest: the folder to load for search.
+
+        An index records the folder as an absolute path; older ones hold it as typed
+        (``runs/x/checkpoint-18``), which is looked for relative to the working directory, then to the
+        index folder's parent. A name no folder matches that can only be a Hub name (``owner/name``)
+        is returned as is. Anything else raises FileNotFoundError naming the index, the folders tried
+        and ``--model``.
+        """
+        name = self.manifest["model"]["name"]
+        manifest = self.path / MANIFEST
+        if not name:
+            raise ValueError(f"{manifest} records no model (it was built in memory); pass --model PATH")
+        path = Path(name).expanduser()
+        tried = [path] if path.is_absolute() else [Path.cwd() / path, self.path.resolve().parent / path]
+        for folder in tried:
+            if folder.is_dir():
+                return str(folder)
+        if not path.is_absolute() and _hub_name_like(name):
+            return name
+        where = " or ".join(str(t) for t in tried)
+        raise FileNotFoundError(
+            f"the model recorded in {manifest}, {name}, is not found (looked for {where}); pass --model PATH"
+        )
+
     def colbert_vecs(self, row: int) -> np.ndarray:
         """The ColBERT vectors of document ``row``. Shapes: -> (tokens, C) float32."""
         start, stop = self._colbert_offsets[row]
@@ -94,3 +119,8 @@ class CorpusIndex:
         dim = self._colbert[0].shape[1] if self._colbert else 0
         vecs = np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)
         return vecs, offsets
+
+
+def _hub_name_like(name: str) -> bool:
+    """``owner/name`` or ``name``: what :func:`m3embed.loading.resolve_model_path` would ask the Hub for."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name
