@@ -207,3 +207,40 @@ def test_training_on_a_scored_file_learns_from_the_teacher(teacher: M3Model, tmp
     # (m3_kd_loss), so the same first batch gives other dense/sparse/colbert/ensemble values.
     for part in ("dense", "sparse", "colbert", "ensemble"):
         assert abs(kd_log[0][part] - plain_log[0][part]) > 1e-6, part
+
+
+SCORE_SCRIPT = """
+import sys
+from m3embed.distributed import process_group
+from m3embed.model import M3Model
+from m3embed.teacher import ScoreOptions, score_training_file
+
+with process_group() as ranks:
+    done = []
+    model = M3Model.from_pretrained(sys.argv[1])
+    score_training_file(model, sys.argv[2], sys.argv[3], ScoreOptions(chunk_lines=2), ranks=ranks, on_chunk=done.append)
+    print(ranks.rank, *done)
+"""
+
+
+def test_two_processes_share_the_chunks_and_write_the_one_process_file(
+    teacher: M3Model, tmp_path: Path
+) -> None:
+    from test_encode_distributed import _run, _torchrun
+
+    teacher.save_pretrained(
+        tmp_path / "m3"
+    )  # one tokenizer for every process (training one is not repeatable)
+    train = write_train(tmp_path / "train.jsonl", n=8)  # 9 lines with the blank one: chunks 0..4
+    score_training_file(
+        M3Model.from_pretrained(tmp_path / "m3"), train, tmp_path / "one.jsonl", ScoreOptions(chunk_lines=2)
+    )
+    (tmp_path / "score.py").write_text(SCORE_SCRIPT)
+    printed = _run(
+        _torchrun(
+            str(tmp_path / "m3"), str(train), str(tmp_path / "two.jsonl"), script=tmp_path / "score.py"
+        ),
+        tmp_path,
+    )
+    assert sorted(printed.split("\n")[:2]) == ["0 0 2 4", "1 1 3"]
+    assert (tmp_path / "two.jsonl").read_bytes() == (tmp_path / "one.jsonl").read_bytes()
