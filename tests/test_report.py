@@ -264,7 +264,9 @@ def test_the_docs_plot_is_drawn_from_the_log_of_the_documented_command():
 
     documented = config_from_args(build_parser().parse_args(documented_watch_command())).to_dict()
     entries = read_log(log_file)
-    logged = json.loads((DOCS / "train_log_demo_config.json").read_text())  # its checkpoint's train_config.json
+    logged = json.loads(
+        (DOCS / "train_log_demo_config.json").read_text()
+    )  # its checkpoint's train_config.json
     differ = [
         f"{section}.{key}: documented {value!r}, logged {logged[section].get(key)!r}"
         for section, values in documented.items()

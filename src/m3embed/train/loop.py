@@ -175,7 +175,9 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
     head_flags = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
     # Heads the model comes without are started from the encoder (head_init) and say so then.
     quiet = tc.head_init == "encoder" and tc.resume is None
-    return M3Model.from_pretrained(path, pooling=pooling, device=device, warn_new_heads=not quiet, **head_flags)
+    return M3Model.from_pretrained(
+        path, pooling=pooling, device=device, warn_new_heads=not quiet, **head_flags
+    )
 
 
 def _evaluate(run: Run) -> dict[str, float] | None:
