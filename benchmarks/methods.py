@@ -63,12 +63,17 @@ def _peer_tokenizer(point: Point):
 
 
 # ---------------------------------------------------------------------- m3embed
-def m3embed(strategy: str) -> Callable[[Point], Step]:
-    """One step of ``m3embed.memory.run_step`` with ``M3Objective(LossConfig())`` and ``strategy``."""
+def m3embed(strategy: str, autocast: str | None = None) -> Callable[[Point], Step]:
+    """One step of ``m3embed.memory.run_step`` with ``M3Objective(LossConfig())`` and ``strategy``;
+    ``autocast`` "bf16" or "fp16" runs the encoder under that autocast (fp16 with a dynamic loss scaler,
+    as ``train --fp16``: the scaled loss, then unscale_ as the training loop does)."""
 
     def prepare(point: Point) -> Step:
+        import torch
+
         from m3embed.losses import LossConfig, M3Objective
         from m3embed.memory import MemoryConfig, TokenBatch, run_step
+        from m3embed.step import ScaledObjective, _autocast
 
         model = point.workload.model().train().to(point.device)
         q, p = _batch(point, model.tokenizer)
@@ -77,6 +82,13 @@ def m3embed(strategy: str) -> Callable[[Point], Step]:
         if point.trace is not None:
             objective, encode = point.trace.objective(objective), point.trace.encode(model)
         config = MemoryConfig(strategy, sub_batch_size=point.sub_batch)
+        scaler = torch.amp.GradScaler(torch.device(point.device).type) if autocast == "fp16" else None
+        if autocast is not None:
+            dtype = torch.float16 if autocast == "fp16" else torch.bfloat16
+            encode = _autocast(encode, torch.device(point.device), dtype)
+        if scaler is not None:
+            objective = ScaledObjective(objective, scaler)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # unscale_ needs one; it never steps
 
         def checkpointing(on: bool) -> None:
             model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
@@ -86,7 +98,10 @@ def m3embed(strategy: str) -> Callable[[Point], Step]:
             if point.trace is not None:
                 point.trace.new_step()
             out = run_step(encode, objective, queries, passages, config, gradient_checkpointing=checkpointing)
-            return float(out.loss)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+                scaler.update()
+            return float(out.as_floats()["loss"])
 
         return step
 
@@ -154,6 +169,8 @@ METHODS: dict[str, Method] = {
         Method("m3embed-none", "m3embed none", m3embed("none")),
         Method("m3embed-checkpoint", "m3embed checkpoint", m3embed("checkpoint")),
         Method("m3embed-cache", "m3embed cache", m3embed("cache")),
+        Method("m3embed-cache-bf16", "m3embed cache, bf16 autocast", m3embed("cache", "bf16")),
+        Method("m3embed-cache-fp16", "m3embed cache, fp16 autocast + loss scaling", m3embed("cache", "fp16")),
         Method(
             "flagembedding-none", "FlagEmbedding, no checkpointing", flagembedding(False), "flagembedding"
         ),
