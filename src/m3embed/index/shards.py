@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def write_shard(
         return_dense=options.dense,
         return_sparse=options.sparse,
         return_colbert_vecs=options.colbert,
-        show_progress_bar=show_progress_bar and len(docs) > options.batch_size,  # progress within the shard
+        show_progress_bar=show_progress_bar and len(docs) > options.batch_size and _on_a_terminal(),
     )
     (tmp / "ids.json").write_text(json.dumps([d.id for d in docs]))
     if options.dense:
@@ -133,3 +134,9 @@ def lexical_weights_to_csr(weights: Sequence[dict[str, float]], n_cols: int) -> 
     matrix = sp.csr_matrix((data, indices, indptr), shape=(len(weights), n_cols))
     matrix.sort_indices()
     return matrix
+
+
+def _on_a_terminal() -> bool:
+    """The bar within a shard nests under the corpus bar: on a terminal it redraws in place, but
+    written to a file each of its updates would be a line of its own, so there it is left out."""
+    return sys.stderr.isatty()
