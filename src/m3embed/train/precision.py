@@ -129,8 +129,10 @@ def check_finite_weights(
 ) -> None:
     """Raise :class:`NonFiniteStop` if a parameter is not finite. ``doing`` says what found it: an
     update with finite gradients can still overflow the weights (a learning rate far too high)."""
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
-    if bad:
+    named = list(model.named_parameters())
+    finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])  # one sync, not one a tensor
+    if not bool(finite.all()):
+        bad = [name for (name, _), ok in zip(named, finite.tolist()) if not ok]
         names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise NonFiniteStop(
             guard.stop_message(output_dir, f"{doing} at step {step}: weights not finite ({names})")
