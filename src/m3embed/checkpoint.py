@@ -159,10 +159,10 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str | bytes) -> None:
     """Replace ``path`` with ``text`` in one rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

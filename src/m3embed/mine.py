@@ -42,7 +42,7 @@ from m3embed.index import IndexOptions, encode_corpus, index_folder
 from m3embed.model import M3Model
 from m3embed.scores import DEFAULT_WEIGHTS, check_modes, check_weights
 from m3embed.search import Searcher, SearchOptions
-from m3embed.teacher import m3_pair_scores
+from m3embed.teacher import options_pair_scores
 
 logger = logging.getLogger(__name__)
 FILTER_RULES = ("max_score", "absolute_margin", "relative_margin")  # the order rules are applied in
@@ -232,7 +232,7 @@ def _mine_batch(
     run = searcher.search([obj["query"] for obj in batch], options.mode)
     pos_scores: list[list[float]] = []
     if options.filtering or options.write_scores:
-        pos_scores = _pair_scores(
+        pos_scores = options_pair_scores(
             searcher.model, options, [o["query"] for o in batch], [o["pos"] for o in batch]
         )
     lo, hi = options.rank_range
@@ -255,22 +255,6 @@ def _mine_batch(
         _add_scores(searcher.model, lines, pos_scores, options)
     for new, _ in lines:
         out.write(json.dumps(new, ensure_ascii=False) + "\n")
-
-
-def _pair_scores(
-    model: M3Model, options: MineOptions, queries: list[str], passages: list[list[str]]
-) -> list[list[float]]:
-    """The mining mode's score of each query against its passages (as search scores them)."""
-    return m3_pair_scores(
-        model,
-        queries,
-        passages,
-        options.mode,
-        options.weights,
-        batch_size=options.batch_size,
-        query_max_length=options.query_max_length,
-        passage_max_length=options.passage_max_length,
-    )
 
 
 def _filter(
@@ -336,7 +320,7 @@ def _add_scores(
     mode's pair scores for random fill-ups (which no search scored)."""
     missing = [(j, k) for j, (_, scores) in enumerate(lines) for k, s in enumerate(scores) if s is None]
     if missing:
-        found = _pair_scores(
+        found = options_pair_scores(
             model,
             options,
             [lines[j][0]["query"] for j, _ in missing],

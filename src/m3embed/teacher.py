@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from m3embed.checkpoint import write_atomic
 from m3embed.data.line import parse_line
 from m3embed.distributed import ONE_PROCESS, DistInfo, gather_objects, on_main
 from m3embed.index import model_fingerprint
@@ -78,6 +79,23 @@ class ScoreOptions:
 
 
 # ---------------------------------------------------------------------- pair scores
+def options_pair_scores(
+    model: M3Model, options: Any, queries: Sequence[str], passages: Sequence[Sequence[str]]
+) -> list[list[float]]:
+    """:func:`m3_pair_scores` with the mode, weights, batch size and lengths of ``options`` (a
+    :class:`ScoreOptions` or :class:`~m3embed.mine.MineOptions`: both carry those fields)."""
+    return m3_pair_scores(
+        model,
+        queries,
+        passages,
+        options.mode,
+        options.weights,
+        batch_size=options.batch_size,
+        query_max_length=options.query_max_length,
+        passage_max_length=options.passage_max_length,
+    )
+
+
 def m3_pair_scores(
     model: M3Model,
     queries: Sequence[str],
@@ -136,16 +154,7 @@ def teacher_scorer(teacher: Any, options: ScoreOptions) -> tuple[PairScorer, str
         key = json.dumps({"m3": model_fingerprint(teacher), **asdict(options)}, sort_keys=True)
 
         def score_m3(queries: list[str], passages: list[list[str]]) -> list[list[float]]:
-            return m3_pair_scores(
-                teacher,
-                queries,
-                passages,
-                options.mode,
-                options.weights,
-                batch_size=options.batch_size,
-                query_max_length=options.query_max_length,
-                passage_max_length=options.passage_max_length,
-            )
+            return options_pair_scores(teacher, options, queries, passages)
 
         return score_m3, _sha(key)
     if _is_cross_encoder(teacher):
@@ -286,7 +295,7 @@ def score_training_file(
     with tqdm(total=physical, initial=reused, desc="Teacher scores", unit="line", disable=not show) as bar:
         for k, lines in _chunks(train_path, options.chunk_lines):
             if k in todo:
-                _write_part(parts / names[k], _score_chunk(lines, train_path, scorer, options))
+                write_atomic(parts / names[k], _score_chunk(lines, train_path, scorer, options))
                 bar.update(len(lines))
                 if on_chunk is not None:
                     on_chunk(k)
@@ -402,16 +411,6 @@ def _prepare_parts(parts: Path, names: list[str]) -> set[str]:
     if kept:
         logger.info("reusing %d finished chunks of %s", len(kept), parts)
     return kept
-
-
-def _write_part(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` in one rename: a part exists whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _join(parts: Path, names: list[str], output: Path) -> None:
