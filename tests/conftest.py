@@ -20,3 +20,13 @@ def xlmr_tokenizer():
 def xlmr_model(xlmr_tokenizer):
     torch.manual_seed(0)
     return tiny_model("xlmr", tokenizer=xlmr_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math. Modules ask
+    for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,9 @@ from m3embed.model import COLBERT_FILE, SPARSE_FILE, M3Config, M3Model
 from m3embed.testing import sample_texts, tiny_model
 from m3embed.train import NEW_HEAD_LR_SCALE, OPTIMIZER_GROUPS, train
 from m3embed.train.optim import build_optimizer as _optimizer
-from test_train import Killed, kill_at, one_thread, run_config, write_lines  # noqa: F401 (autouse)
+from test_train import Killed, kill_at, run_config, write_lines
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ WEIGHTS = (0.4, 0.2, 0.4)
 N_DOCS, N_LINES = 40, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,11 @@ from test_train import (  # noqa: F401  (module fixtures used by name)
     data_file,
     kill_at,
     model_dir,
-    one_thread,
     run_config,
     write_beir,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LOSS_PARTS = {"loss", "dense", "sparse", "colbert", "ensemble"} | {

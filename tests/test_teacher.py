@@ -17,13 +17,7 @@ from m3embed.testing import sample_texts, tiny_model, tiny_tokenizer
 WEIGHTS = (0.4, 0.2, 0.4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,7 @@ from test_data import BAD_LINES, BAD_PATH_IDS, BAD_PATHS, ex, write  # the data 
 N_LINES, B, G = 16, 4, 3  # 4 batches per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: thread hand-offs cost more than the math."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_lines(path, n=N_LINES, seed=0):

@@ -8,22 +8,19 @@ import pytest
 import torch
 
 from m3embed import checkpoint as ckpt
-from m3embed.testing import tiny_model
 from m3embed.train import LOG_FILE, loop, read_log, train
 from m3embed.train.precision import NonFiniteStop
-from test_train import Killed, cli_run, kill_at, one_thread, run_config, weights, write_lines  # noqa: F401
+from test_train import (  # noqa: F401  (module fixtures used by name)
+    Killed,
+    cli_run,
+    data_file,
+    kill_at,
+    model_dir,
+    run_config,
+    weights,
+)
 
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("xlmr", dropout=0.1, seed=0).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return write_lines(tmp_path_factory.mktemp("data") / "train.jsonl")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def steps(out):
