@@ -20,6 +20,7 @@ import datetime
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
@@ -84,6 +85,23 @@ def process_group(timeout_s: float = 600.0) -> Iterator[DistInfo]:
     finally:
         if joined and info.enabled:
             dist.destroy_process_group()
+
+
+def leave_now(code: int) -> None:
+    """End this process with ``code`` at once, after flushing logs and standard streams.
+
+    For a rank that torchrun started, once its command is done and its process group destroyed.
+    After a model has run and gloo has carried collectives, the interpreter's own teardown
+    (destructors of torch's C++ objects, with no Python frame left) aborts with "terminate called
+    without an active exception" in about 1 run of 6 on a loaded 2-core machine, turning a finished
+    ``encode`` or ``train`` into exit code -6. Everything this package writes is on disk by then, so
+    skipping that teardown loses nothing.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def on_main(fn: Callable[[], T], info: DistInfo) -> T:

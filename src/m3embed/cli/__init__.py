@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from m3embed.cli.retrieval import add_retrieval
 from m3embed.cli.train import add_plot, add_train
@@ -36,4 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("m3embed").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    return int(args.func(args) or 0)
+    code = int(args.func(args) or 0)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from m3embed.distributed import leave_now
+
+        leave_now(code)  # a torchrun rank: skip the interpreter teardown that can abort after gloo
+    return code
