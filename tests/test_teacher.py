@@ -197,10 +197,23 @@ def test_training_on_a_scored_file_learns_from_the_teacher(teacher: M3Model, tmp
     plain_log = [e for e in read_log(tmp_path / "plain" / LOG_FILE) if "loss" in e]
     kd_log = [e for e in read_log(tmp_path / "kd" / LOG_FILE) if "loss" in e]
     assert len(kd_log) == 2
-    # The loss has no separate KD part: with teacher scores each contrastive part is the KD loss
-    # (m3_kd_loss), so the same first batch gives other dense/sparse/colbert/ensemble values.
+    # With teacher scores each contrastive part is the KD loss (m3_kd_loss, the default), so the same
+    # first batch gives other dense/sparse/colbert/ensemble values ...
     for part in ("dense", "sparse", "colbert", "ensemble"):
         assert abs(kd_log[0][part] - plain_log[0][part]) > 1e-6, part
+    # ... and the log names the teacher's share: with m3_kd_loss all of the contrastive terms, weighted.
+    from m3embed.losses import LossConfig
+
+    c = LossConfig()
+    assert all("kd" in e for e in kd_log) and not any("kd" in e for e in plain_log)
+    for e in kd_log:
+        weighted = (
+            c.dense_loss_weight * e["dense"]
+            + c.ensemble_loss_weight * e["ensemble"]
+            + c.sparse_loss_weight * e["sparse"]
+            + c.colbert_loss_weight * e["colbert"]
+        ) / c.contrastive_normalizer
+        assert abs(e["kd"] - weighted) <= 1e-5 * max(1.0, abs(weighted)), (e["kd"], weighted)
 
 
 SCORE_SCRIPT = """

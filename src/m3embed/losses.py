@@ -193,6 +193,15 @@ def contrastive_loss(
     return m3_kd_loss(teacher, scores, group_size)
 
 
+@torch.no_grad()
+def kd_term(scores: torch.Tensor, group_size: int, config: LossConfig, teacher: torch.Tensor) -> torch.Tensor:
+    """The part of :func:`contrastive_loss` that learns from the teacher, for the log: all of it with
+    ``m3_kd_loss``, the soft cross-entropy without the hard-label term with ``kl_div``."""
+    if config.kd_loss_type == "kl_div":
+        return soft_cross_entropy(teacher, local_scores(scores, group_size))
+    return m3_kd_loss(teacher, scores, group_size)
+
+
 def m3_loss(
     scores: BatchScores,
     group_size: int,
@@ -206,6 +215,9 @@ def m3_loss(
     ``dense_loss``, when given, replaces the dense contrastive term (FlagEmbedding-style cross-device
     training computes it over the global batch while everything else stays in-batch).
 
+    With ``teacher_scores`` each contrastive term is its :func:`contrastive_loss` with the teacher, and
+    the parts gain ``kd``: the teacher's share of the loss (:func:`kd_term`), for the log.
+
     Shapes: every score (Bq, Bq·G); teacher_scores (Bq, G) raw teacher scores or None.
     """
     c = config
@@ -213,8 +225,9 @@ def m3_loss(
 
     # (1) dense-only objective
     dense = contrastive_loss(scores.dense, group_size, c, teacher) if dense_loss is None else dense_loss
+    kd = {} if teacher is None else {"kd": kd_term(scores.dense, group_size, c, teacher)}
     if c.heads == "dense":
-        return LossOutput(dense, {"dense": dense.detach()})
+        return LossOutput(dense, {"dense": dense.detach(), **kd})
 
     # (2) contrastive loss of each output and of their ensemble
     ensemble_scores = (
@@ -232,6 +245,22 @@ def m3_loss(
         + c.colbert_loss_weight * colbert
     ) / c.contrastive_normalizer
     parts = {"dense": dense, "sparse": sparse, "colbert": colbert, "ensemble": ensemble}
+    if teacher is not None:  # the teacher's share of the loss, weighted as the contrastive terms are
+        terms = {
+            name: kd_term(output, group_size, c, teacher)
+            for name, output in (
+                ("dense", scores.dense),
+                ("sparse", scores.sparse),
+                ("colbert", scores.colbert),
+            )
+        }
+        terms["ensemble"] = kd_term(ensemble_scores, group_size, c, teacher)
+        parts["kd"] = (
+            c.dense_loss_weight * terms["dense"]
+            + c.ensemble_loss_weight * terms["ensemble"]
+            + c.sparse_loss_weight * terms["sparse"]
+            + c.colbert_loss_weight * terms["colbert"]
+        ) / c.contrastive_normalizer
 
     # (3) self-knowledge distillation: the ensemble teaches each output
     if c.self_distill and step > c.self_distill_start_step:

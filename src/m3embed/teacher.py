@@ -22,6 +22,7 @@ parts, and rank 0 joins them when all are done.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -228,11 +229,17 @@ def _read_config(folder: Path) -> dict[str, Any] | None:
     return config if isinstance(config, dict) else None
 
 
-def load_teacher(path: str | os.PathLike, *, device: str | None = None, max_length: int | None = None) -> Any:
+def load_teacher(
+    path: str | os.PathLike,
+    *,
+    device: str | None = None,
+    max_length: int | None = None,
+    pooling: str | None = None,
+) -> Any:
     """An :class:`M3Model` or a sentence-transformers ``CrossEncoder``, by what the folder holds.
 
     A cross-encoder folder (:func:`is_cross_encoder_folder`) loads as a ``CrossEncoder`` (``max_length``
-    caps its pair length); any other model folder (``config.json``: an encoder, BGE-M3 layout or not)
+    caps its pair length); any other model folder (``pooling`` overrides its saved pooling) (``config.json``: an encoder, BGE-M3 layout or not)
     as an M3Model. A folder that is neither is a one-line ``ValueError``.
     """
     folder = Path(path).expanduser()
@@ -251,7 +258,7 @@ def load_teacher(path: str | os.PathLike, *, device: str | None = None, max_leng
             "*ForSequenceClassification architecture) or an encoder in BGE-M3 layout (config.json, "
             "tokenizer and weights, optionally colbert_linear.pt and sparse_linear.pt)"
         )
-    return M3Model.from_pretrained(path, device=device)
+    return M3Model.from_pretrained(path, device=device, **({"pooling": pooling} if pooling else {}))
 
 
 # ---------------------------------------------------------------------- the training file
@@ -311,8 +318,9 @@ def score_training_file(
 
 
 def _read_raw(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number, bytes)`` of a file, 1-based, newline kept; a UTF-8 byte-order mark dropped."""
-    with open(path, "rb") as f:
+    """``(line number, bytes)`` of a file (gzip if it ends in .gz), 1-based, newline kept; a UTF-8
+    byte-order mark dropped."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             yield lineno, raw[len(_BOM) :] if lineno == 1 and raw.startswith(_BOM) else raw
 
@@ -414,11 +422,13 @@ def _prepare_parts(parts: Path, names: list[str]) -> set[str]:
 
 
 def _join(parts: Path, names: list[str], output: Path) -> None:
-    """Concatenate the parts into ``output`` (through a temporary file renamed), then remove them."""
+    """Concatenate the parts into ``output`` (through a temporary file renamed; gzip if it ends in .gz),
+    then remove them."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.partial")
     try:
-        with open(partial, "wb") as out:
+        gz = output.suffix == ".gz"  # mtime 0: the same lines give the same bytes
+        with gzip.GzipFile(partial, "wb", mtime=0) if gz else open(partial, "wb") as out:
             for name in names:
                 with open(parts / name, "rb") as part:
                     shutil.copyfileobj(part, out)

@@ -1,4 +1,4 @@
-"""Command line: ``m3embed train | plot | encode | search | eval | mine``. Arguments -> config -> call."""
+"""Command line: ``m3embed train | plot | encode | search | eval | mine | score``. Arguments -> config -> call."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from m3embed.cli.mining import add_mining
 from m3embed.cli.retrieval import add_retrieval
 from m3embed.cli.train import add_plot, add_train
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_plot(sub)
     add_retrieval(sub)
+    add_mining(sub)
     return parser
 
 

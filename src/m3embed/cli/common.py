@@ -1,8 +1,10 @@
-"""What every command shares: bad input reported as one line, and under torchrun only rank 0 logging."""
+"""What every command shares: bad input reported as one line, under torchrun only rank 0 logging, and the
+flags and set-up of the commands that load a model (device, pooling, process group)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -34,7 +36,7 @@ def user_errors(run, *also: type[Exception], flags: Mapping[str, str] | None = N
 
 
 _OPTIONS_FIELD = re.compile(
-    r"\b(?P<field>(?:IndexOptions|SearchOptions|MineOptions)\.(?P<name>\w+))(?P<must> must be >= )?"
+    r"\b(?P<field>(?:IndexOptions|SearchOptions|MineOptions|ScoreOptions)\.(?P<name>\w+))(?P<must> must be >= )?"
 )
 
 
@@ -50,3 +52,57 @@ def options_in_flag_terms(message: str, flags: Mapping[str, str]) -> str:
         return flag + (" must be ≥ " if m["must"] else "")
 
     return _OPTIONS_FIELD.sub(reword, message)
+
+
+# ---------------------------------------------------------------------- flags and steps the model commands share
+PASSAGE_FLAG = {"IndexOptions.max_length": "--passage-max-length"}  # eval's and mine's index
+
+
+def index_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--index-dir",
+        help="keep the encoded corpus here (resumable) instead of a temporary folder; under torchrun "
+        "on several machines, a folder every machine reaches",
+    )
+
+
+def dist_timeout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="under torchrun, the longest a process waits for the others (they finish about one shard "
+        "apart; default 1800)",
+    )
+
+
+@contextlib.contextmanager
+def processes(args: argparse.Namespace):
+    """The process group torchrun describes (none for one process), for the length of a command."""
+    from m3embed.distributed import process_group
+
+    with process_group(args.dist_timeout) as ranks:
+        quiet_unless_rank_0(ranks.rank)
+        yield ranks
+
+
+def model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = False) -> None:
+    where = "the index's" if pooling_default_from_index else "the model's m3embed_config.json, else cls"
+    p.add_argument("--pooling", choices=("cls", "mean"), help=f"dense pooling (default: {where})")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+
+
+def load_model(path: str, args: argparse.Namespace, config: dict | None = None):
+    import torch
+
+    from m3embed.model import M3Model
+
+    overrides = dict(config or {})
+    if args.pooling:
+        overrides["pooling"] = args.pooling
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # Heads missing from the directory are initialised randomly: seed them so that `encode` and a later
+    # `search` load the same model (same fingerprint) and `eval` numbers are reproducible.
+    torch.manual_seed(0)
+    return M3Model.from_pretrained(path, device=device, **overrides)

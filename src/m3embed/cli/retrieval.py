@@ -1,24 +1,30 @@
-"""The retrieval commands: `m3embed encode | search | eval | mine`."""
+"""The retrieval commands: `m3embed encode | search | eval` (mining and teacher scores: cli/mining.py)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 
 from m3embed.cli import lengths as length_flags
-from m3embed.cli.common import quiet_unless_rank_0, user_errors
+from m3embed.cli.common import (
+    PASSAGE_FLAG,
+    dist_timeout_arg,
+    index_dir_arg,
+    load_model,
+    model_args,
+    processes,
+    user_errors,
+)
 
 logger = logging.getLogger("m3embed.cli")
 
 
 def add_retrieval(sub: argparse._SubParsersAction) -> None:
-    """The encode, search, eval and mine commands; every default is their options class's (or
+    """The encode, search and eval commands; every default is their options class's (or
     EVAL_DEFAULTS'), every mode name :data:`m3embed.scores.MODES`."""
     _add_encode(sub)
     _add_search(sub)
     _add_eval(sub)
-    _add_mine(sub)
 
 
 def _add_encode(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +37,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         "corpus", help="corpus.jsonl (BEIR: _id, title, text), .jsonl.gz, or a text file (one doc a line)"
     )
     p.add_argument("out", help="index folder to write (an unfinished one is resumed)")
-    _model_args(p)
+    model_args(p)
     p.add_argument(
         "--max-length",
         type=int,
@@ -50,7 +56,7 @@ def _add_encode(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--no-{output}", action="store_true", help=f"do not store {what}")
     p.add_argument("--overwrite", action="store_true", help="delete an existing index at OUT first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _dist_timeout_arg(p)
+    dist_timeout_arg(p)
     p.set_defaults(func=user_errors(_run_encode, flags={"IndexOptions.max_length": "--max-length"}))
 
 
@@ -63,7 +69,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("index", help="index folder made by `m3embed encode`")
     p.add_argument("queries", help="queries.jsonl (_id, text) or a TSV file 'id<TAB>text'")
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
-    _model_args(p, pooling_default_from_index=True)
+    model_args(p, pooling_default_from_index=True)
     p.add_argument(
         "--mode",
         nargs="+",
@@ -122,7 +128,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
-    _model_args(p)
+    model_args(p)
     p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     p.add_argument(
@@ -141,55 +147,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=ED.top_k, help=f"hits per query (default {ED.top_k})")
     _candidates_and_weights(p, ED.candidates)
     _shard_size_arg(p)
-    _index_dir_arg(p)
+    index_dir_arg(p)
     p.add_argument("--output", help="write eval.json and eval.md into this folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_eval, flags=_PASSAGE_FLAG))
-
-
-def _add_mine(sub: argparse._SubParsersAction) -> None:
-    from m3embed.mine import MineOptions
-    from m3embed.scores import MODES
-
-    d = MineOptions()
-    p = sub.add_parser("mine", help="mine hard negatives with the model into a new training file")
-    p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
-    p.add_argument("train", help="training JSONL (query, pos, neg)")
-    p.add_argument("corpus", help="candidate documents: corpus.jsonl, .jsonl with 'text', or a text file")
-    _model_args(p)
-    p.add_argument("--output", required=True, help="training JSONL to write")
-    p.add_argument(
-        "--range",
-        type=int,
-        nargs=2,
-        default=d.rank_range,
-        metavar=("FROM", "TO"),
-        help="rank range to sample from (default {} {})".format(*d.rank_range),
-    )
-    p.add_argument(
-        "--negatives", type=int, default=d.negatives, help=f"negatives per query (default {d.negatives})"
-    )
-    p.add_argument("--mode", choices=MODES, default=d.mode, help=f"default {d.mode}")
-    length_flags.add_length_args(p, {k: getattr(d, k) for k in length_flags.FLAGS})
-    for name in ("batch_size", "shard_size", "seed"):
-        flag = "--" + name.replace("_", "-")
-        p.add_argument(flag, type=int, default=getattr(d, name), help=f"default {getattr(d, name)}")
-    _index_dir_arg(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _dist_timeout_arg(p)
-    p.set_defaults(func=user_errors(_run_mine, flags={**_PASSAGE_FLAG, "MineOptions.rank_range": "--range"}))
-
-
-_PASSAGE_FLAG = {"IndexOptions.max_length": "--passage-max-length"}  # eval's and mine's index
-
-
-def _index_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--index-dir",
-        help="keep the encoded corpus here (resumable) instead of a temporary folder; under torchrun "
-        "on several machines, a folder every machine reaches",
-    )
+    dist_timeout_arg(p)
+    p.set_defaults(func=user_errors(_run_eval, flags=PASSAGE_FLAG))
 
 
 def _shard_size_arg(p: argparse.ArgumentParser) -> None:
@@ -204,48 +166,6 @@ def _shard_size_arg(p: argparse.ArgumentParser) -> None:
         f"{default} documents are 1-2 minutes for a small model on a CPU: raise it on a GPU) and of "
         f"sharing out the encoding under torchrun (default {default})",
     )
-
-
-def _dist_timeout_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=1800.0,
-        metavar="SECONDS",
-        help="under torchrun, the longest a process waits for the others (they finish about one shard "
-        "apart; default 1800)",
-    )
-
-
-@contextlib.contextmanager
-def _processes(args: argparse.Namespace):
-    """The process group torchrun describes (none for one process), for the length of a command."""
-    from m3embed.distributed import process_group
-
-    with process_group(args.dist_timeout) as ranks:
-        quiet_unless_rank_0(ranks.rank)
-        yield ranks
-
-
-def _model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = False) -> None:
-    where = "the index's" if pooling_default_from_index else "the model's m3embed_config.json, else cls"
-    p.add_argument("--pooling", choices=("cls", "mean"), help=f"dense pooling (default: {where})")
-    p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
-
-
-def _load_model(path: str, args: argparse.Namespace, config: dict | None = None):
-    import torch
-
-    from m3embed.model import M3Model
-
-    overrides = dict(config or {})
-    if args.pooling:
-        overrides["pooling"] = args.pooling
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # Heads missing from the directory are initialised randomly: seed them so that `encode` and a later
-    # `search` load the same model (same fingerprint) and `eval` numbers are reproducible.
-    torch.manual_seed(0)
-    return M3Model.from_pretrained(path, device=device, **overrides)
 
 
 def _run_encode(args: argparse.Namespace) -> int:
@@ -263,9 +183,9 @@ def _run_encode(args: argparse.Namespace) -> int:
         sparse=not args.no_sparse,
         colbert=not args.no_colbert,
     )
-    with _processes(args) as ranks:
+    with processes(args) as ranks:
         logger.info(said)
-        model = _load_model(args.model, args)
+        model = load_model(args.model, args)
         out = encode_corpus(
             model,
             args.corpus,
@@ -304,7 +224,7 @@ def _run_search(args: argparse.Namespace) -> int:
         "%s; passages %d tokens (as the index was encoded)", said, index.manifest["options"]["max_length"]
     )
     try:
-        model = _load_model(model_path, args, config=index.manifest["model"]["config"])
+        model = load_model(model_path, args, config=index.manifest["model"]["config"])
     except FileNotFoundError as err:
         if args.model:
             raise
@@ -332,9 +252,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     defaults = {key: getattr(EVAL_DEFAULTS, key) for key in length_flags.FLAGS}
     lengths, said = length_flags.resolve(args.model, args, defaults)
     _check_eval_flags(args, lengths)
-    with _processes(args) as ranks:
+    with processes(args) as ranks:
         logger.info(said)
-        model = _load_model(args.model, args)
+        model = load_model(args.model, args)
         result = evaluate_beir(
             model,
             args.beir_folder,
@@ -381,37 +301,3 @@ def _check_eval_flags(args: argparse.Namespace, lengths: dict[str, int]) -> None
         query_max_length=lengths["query_max_length"],
         batch_size=args.batch_size,
     )
-
-
-def _run_mine(args: argparse.Namespace) -> int:
-    from m3embed.mine import MineOptions, mine_hard_negatives
-
-    defaults = {key: getattr(MineOptions, key) for key in length_flags.FLAGS}
-    lengths, said = length_flags.resolve(args.model, args, defaults)
-    options = MineOptions(
-        rank_range=tuple(args.range),
-        negatives=args.negatives,
-        mode=args.mode,
-        **lengths,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        seed=args.seed,
-    )
-    with _processes(args) as ranks:
-        logger.info(said)
-        model = _load_model(args.model, args)
-        stats = mine_hard_negatives(
-            model,
-            args.train,
-            args.corpus,
-            args.output,
-            options,
-            index_dir=args.index_dir,
-            show_progress_bar=not args.no_progress,
-            ranks=ranks,
-        )
-    if stats is not None:  # rank 0 (the others helped encode)
-        print(
-            f"wrote {stats['lines']} lines to {args.output} ({stats['padded']} padded with random negatives)"
-        )
-    return 0
