@@ -531,10 +531,39 @@ def test_demo_dev_folder_is_a_consistent_beir_folder():
     assert total < 1.5 * 2**20
 
 
-def test_batch_mixing_scored_and_unscored_examples_has_no_teacher_scores(tmp_path, caplog):
-    lines = [ex(0, pos_scores=[1.0], neg_scores=[0.0, 0.1, 0.2]), ex(1)]
+def test_a_batch_mixing_scored_and_unscored_examples_gives_the_unscored_their_hard_label(tmp_path, caplog):
+    """A group without scores (no scores, or no 'neg': e.g. all its mined negatives filtered out) in a
+    batch with scored ones gets all the teacher's probability on its positive, so with m3_kd_loss its
+    term is its plain contrastive loss and the scored groups keep their distillation."""
+    import torch.nn.functional as F
+
+    from m3embed.data.collate import HARD_LABEL_SCORE
+    from m3embed.losses import LossConfig, contrastive_loss
+
+    lines = [ex(0, pos_scores=[1.0], neg_scores=[0.0, 0.1, 0.2]), ex(1), ex(2, n_neg=0)]
+    lines.append(ex(3, pos_scores=[0.5], neg_scores=[0.4, 0.9, -0.3]))
     ds = load(write(tmp_path / "mixed.jsonl", lines))
-    assert build_batch(ds, [0], 4, 0, 0).teacher_scores.shape == (1, 4)
-    with caplog.at_level(logging.WARNING, logger="m3embed.data"):
-        assert build_batch(ds, [0, 1], 4, 0, 0).teacher_scores is None
-    assert "mixed.jsonl: some examples have pos_scores" in caplog.text
+    assert build_batch(ds, [1, 2], 4, 0, 0).teacher_scores is None  # no scored group: no teacher
+    with caplog.at_level(logging.INFO, logger="m3embed.data"):
+        batch = build_batch(ds, [0, 1, 2, 3], 4, 0, 0)
+    assert "mixed.jsonl: some examples have no pos_scores" in caplog.text
+    raw = batch.teacher_scores
+    assert raw[1].tolist() == raw[2].tolist() == [0.0] + [HARD_LABEL_SCORE] * 3, raw
+    teacher = torch.softmax(raw.double(), dim=-1)
+    assert teacher[1, 0] == 1.0 and teacher[1, 1:].abs().max() == 0.0, teacher
+    # The loss against an independent row-by-row computation of FlagEmbedding's m3_kd_loss.
+    g, b = 4, 4
+    scores = torch.randn(b, b * g, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = contrastive_loss(scores, g, LossConfig(kd_loss_type="m3_kd_loss"), teacher)
+    rows = []
+    for r in range(b):
+        if r in (1, 2):  # plain InfoNCE: the positive against every passage of the batch
+            rows.append(F.cross_entropy(scores[r], torch.tensor(r * g)))
+            continue
+        term, masked = 0.0, scores[r].clone()
+        for i in range(g):
+            term = term + teacher[r, i] * F.cross_entropy(masked, torch.tensor(r * g + i))
+            masked[r * g + i] = torch.finfo(torch.float64).min
+        rows.append(term)
+    want = torch.stack(rows).mean()
+    assert abs(got.item() - want.item()) <= 1e-12 * max(1.0, abs(want.item())), (got.item(), want.item())

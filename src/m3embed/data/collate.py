@@ -17,6 +17,8 @@ from m3embed.data.dataset import TrainDataset, text_hash
 logger = logging.getLogger(__name__)
 
 _warned_mixed_scores: set[str] = set()
+# The raw teacher score of a hard label's negatives: after the softmax their probability is 0 (in fp32).
+HARD_LABEL_SCORE = -1.0e4
 
 
 @dataclass
@@ -110,7 +112,8 @@ def build_batch(
 
     Deterministic given ``(seed, epoch, indices)``, so a resumed run rebuilds identical batches.
     All indices must come from one file. Shapes: ``B = len(indices)`` queries, ``B*G`` passages,
-    teacher scores (B, G) or None.
+    teacher scores (B, G), or None when no group has scores (a group without them among scored ones
+    gets a hard label: raw scores ``[0, HARD_LABEL_SCORE, ...]``).
     """
     if len(indices) == 0:
         raise ValueError("build_batch needs at least one index")
@@ -122,15 +125,20 @@ def build_batch(
     groups = [build_group(dataset, int(i), group_size, seed, epoch, query_instruction) for i in indices]
     with_scores = [g.teacher_scores is not None for g in groups]
     teacher: torch.Tensor | None = None
-    if all(with_scores):
-        teacher = torch.tensor([g.teacher_scores for g in groups], dtype=torch.float32)  # (B, G)
-    elif any(with_scores) and name not in _warned_mixed_scores:
-        _warned_mixed_scores.add(name)
-        logger.warning(
-            "%s: some examples have pos_scores/neg_scores and some do not (or have no 'neg'); batches "
-            "mixing them carry no teacher scores",
-            name,
-        )
+    if any(with_scores):
+        # A group without scores in a batch with some (a line without them, or without 'neg', e.g. one
+        # whose mined negatives were all filtered out) learns its hard label: all the teacher's
+        # probability on its positive, which makes its m3_kd_loss term its plain contrastive loss.
+        hard_label = [0.0] + [HARD_LABEL_SCORE] * (group_size - 1)
+        rows = [g.teacher_scores if g.teacher_scores is not None else hard_label for g in groups]
+        teacher = torch.tensor(rows, dtype=torch.float32)  # (B, G)
+        if not all(with_scores) and name not in _warned_mixed_scores:
+            _warned_mixed_scores.add(name)
+            logger.info(
+                "%s: some examples have no pos_scores/neg_scores (or no 'neg'); in batches with scored "
+                "ones their teacher is their own positive (probability 1)",
+                name,
+            )
     return TrainBatch(
         queries=[g.query for g in groups],
         passages=[p for g in groups for p in g.passages],
