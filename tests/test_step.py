@@ -147,10 +147,20 @@ def test_layer_checkpointing_is_on_for_the_grad_passes_only(xlmr_tokenizer):
     assert not any(m.gradient_checkpointing for m in layers)
 
 
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_encoders_run_sdpa_attention(tmp_path, kind):
+    """The grad passes recompute attention through PyTorch's fused SDPA where transformers offers it:
+    its default, kept by our model building and loading."""
+    from m3embed.model import M3Model
+
+    model = tiny_model(kind)
+    assert model.backbone.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert M3Model.from_pretrained(tmp_path).backbone.config._attn_implementation == "sdpa"
+
+
 def test_layer_checkpointing_needs_a_strategy_that_can_use_it():
-    with pytest.raises(
-        ValueError, match="layer_checkpointing=True needs strategy 'cache'.*got strategy 'none'"
-    ):
+    with pytest.raises(ValueError, match="layer_checkpointing needs strategy 'cache'.*got strategy 'none'"):
         MemoryConfig("none", layer_checkpointing=True)
     assert MemoryConfig("checkpoint", layer_checkpointing=True).layer_checkpointing
 

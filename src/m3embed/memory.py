@@ -114,7 +114,7 @@ class MemoryConfig:
         check_fields(self)
         if self.layer_checkpointing and self.strategy == "none":
             raise ValueError(
-                "MemoryConfig.layer_checkpointing=True needs strategy 'cache' (or 'checkpoint', which always "
+                "MemoryConfig.layer_checkpointing needs strategy 'cache' (or 'checkpoint', which always "
                 "checkpoints layers), got strategy 'none', which keeps every activation by definition"
             )
 
