@@ -63,10 +63,13 @@ def _peer_tokenizer(point: Point):
 
 
 # ---------------------------------------------------------------------- m3embed
-def m3embed(strategy: str, autocast: str | None = None) -> Callable[[Point], Step]:
+def m3embed(
+    strategy: str, autocast: str | None = None, layer_checkpointing: bool = False
+) -> Callable[[Point], Step]:
     """One step of ``m3embed.memory.run_step`` with ``M3Objective(LossConfig())`` and ``strategy``;
     ``autocast`` "bf16" or "fp16" runs the encoder under that autocast (fp16 with a dynamic loss scaler,
-    as ``train --fp16``: the scaled loss, then unscale_ as the training loop does)."""
+    as ``train --fp16``: the scaled loss, then unscale_ as the training loop does);
+    ``layer_checkpointing`` is ``MemoryConfig``'s (``train --layer-checkpointing``)."""
 
     def prepare(point: Point) -> Step:
         import torch
@@ -81,7 +84,9 @@ def m3embed(strategy: str, autocast: str | None = None) -> Callable[[Point], Ste
         objective, encode = M3Objective(LossConfig(), point.workload.group), model
         if point.trace is not None:
             objective, encode = point.trace.objective(objective), point.trace.encode(model)
-        config = MemoryConfig(strategy, sub_batch_size=point.sub_batch)
+        config = MemoryConfig(
+            strategy, sub_batch_size=point.sub_batch, layer_checkpointing=layer_checkpointing
+        )
         scaler = torch.amp.GradScaler(torch.device(point.device).type) if autocast == "fp16" else None
         if autocast is not None:
             dtype = torch.float16 if autocast == "fp16" else torch.bfloat16
@@ -169,6 +174,11 @@ METHODS: dict[str, Method] = {
         Method("m3embed-none", "m3embed none", m3embed("none")),
         Method("m3embed-checkpoint", "m3embed checkpoint", m3embed("checkpoint")),
         Method("m3embed-cache", "m3embed cache", m3embed("cache")),
+        Method(
+            "m3embed-cache-layerckpt",
+            "m3embed cache, layer checkpointing",
+            m3embed("cache", layer_checkpointing=True),
+        ),
         Method("m3embed-cache-bf16", "m3embed cache, bf16 autocast", m3embed("cache", "bf16")),
         Method("m3embed-cache-fp16", "m3embed cache, fp16 autocast + loss scaling", m3embed("cache", "fp16")),
         Method(

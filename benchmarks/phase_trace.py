@@ -36,7 +36,7 @@ class PhaseTrace:
     """
 
     def __init__(self, strategy: str) -> None:
-        self.cached = strategy == "cache"
+        self.cached = strategy.startswith("cache")  # cache, cache-layerckpt, cache-bf16, ...
         self.baseline = 0
         self.phase = "before"
         self.step = self.phase_step = 0

@@ -194,6 +194,14 @@ def long_checks(c: Any) -> None:
     )
     for b in (4, 16, 64):
         c.peak_ratio(cache, fe, b, None)
+    layers = "m3embed-cache-layerckpt"
+    c.peak_ratio(layers, cache, 4, 0.5)
+    c.slope_check(layers, 4, 64, 0.5)
+    c.peak_ratio(layers, layers, 64, 1.15, batch_b=4)
+    c.slope_info(layers, 4, 16)
+    c.time_ratio(layers, cache, 16, 1.35)
+    for b in (4, 16, 64):
+        c.peak_ratio(layers, fe, b, None)
 
 
 def bge_m3_width_checks(c: Any) -> None:
@@ -249,7 +257,11 @@ WORKLOADS = {
             query_len=32,
             passage_len=512,
             group=8,
-            batches={"m3embed-cache": (4, 16, 64), "flagembedding-checkpoint": (4, 16, 64)},
+            batches={
+                "m3embed-cache": (4, 16, 64),
+                "m3embed-cache-layerckpt": (4, 16, 64),
+                "flagembedding-checkpoint": (4, 16, 64),
+            },
             steps=1,
             plot="memory_long.png",
             checks=long_checks,

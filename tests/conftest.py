@@ -16,6 +16,11 @@ def xlmr_tokenizer():
     return tiny_tokenizer("xlmr")
 
 
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    return tiny_tokenizer("bert")
+
+
 @pytest.fixture
 def xlmr_model(xlmr_tokenizer):
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ PASSAGES = sample_texts(B * G, seed=2, min_words=3, max_words=40)
 TEACHER = torch.randn(B, G, generator=torch.Generator().manual_seed(3))
 
 
-def run(tokenizer, strategy, *, config=None, loss=None, teacher=None, dropout=0.1, **memory):
-    model = tiny_model(tokenizer=tokenizer, config=config, dropout=dropout, seed=0).double()
+def run(tokenizer, strategy, *, config=None, loss=None, teacher=None, dropout=0.1, kind="xlmr", **memory):
+    model = tiny_model(kind, tokenizer=tokenizer, config=config, dropout=dropout, seed=0).double()
     model.train()
     torch.manual_seed(1234)  # the dropout masks of this step
     parts = train_step(
@@ -86,6 +86,85 @@ def test_strategies_match_plain_autograd(xlmr_tokenizer, case, strategy):
     assert_same(ref, run(xlmr_tokenizer, strategy, sub_batch_size=4, **kwargs))
 
 
+@pytest.mark.parametrize("case", ["all heads + self-distillation", "dense only"])
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_cache_with_layer_checkpointing_matches_every_strategy(case, kind, request):
+    """``cache`` whose grad passes run under the encoder's layer checkpointing: the loss and every
+    parameter's gradient of ``none``, ``checkpoint`` and ``cache`` (dropout on; sub-batches of 4 leave
+    ragged last ones: queries 4+1, passages 4+4+4+3)."""
+    tokenizer = request.getfixturevalue(f"{kind}_tokenizer")
+    kwargs = {**CASES[case], "kind": kind, "sub_batch_size": 4}
+    layers = run(tokenizer, "cache", layer_checkpointing=True, **kwargs)
+    for strategy in ("none", "checkpoint", "cache"):
+        assert_same(run(tokenizer, strategy, **kwargs), layers)
+
+
+def test_layer_checkpointing_without_encoder_support_checkpoints_whole_sub_batches(xlmr_tokenizer):
+    """run_step's fallback for an encode function whose layers it cannot switch: each grad pass of
+    ``cache`` is checkpointed as a whole, with the same loss and gradients."""
+    from m3embed.losses import M3Objective
+    from m3embed.memory import run_step
+
+    results = []
+    for memory in (
+        MemoryConfig("none", sub_batch_size=4),
+        MemoryConfig("cache", 4, layer_checkpointing=True),
+    ):
+        model = tiny_model(tokenizer=xlmr_tokenizer, seed=0).double().train()
+        q, p = TokenBatch(**model.tokenize(QUERIES, 64)), TokenBatch(**model.tokenize(PASSAGES, 64))
+        torch.manual_seed(7)
+        out = run_step(lambda ids, mask, m=model: m(ids, mask), M3Objective(LossConfig(), G), q, p, memory)
+        grads = {n: t.grad.clone() for n, t in model.named_parameters()}
+        results.append((out.as_floats(), grads, torch.get_rng_state()))
+    assert_same(*results)
+
+
+def test_layer_checkpointing_is_on_for_the_grad_passes_only(xlmr_tokenizer):
+    """The passes without grad (steps (1) and (2)) run as without the setting; every pass with grad
+    (the kept sub-batch, steps (4) and (5)) runs with the encoder's layers checkpointed; the switch is
+    off again after the step."""
+    from m3embed.losses import M3Objective
+    from m3embed.memory import run_step
+
+    model = tiny_model(tokenizer=xlmr_tokenizer, seed=0).train()
+    layers = [m for m in model.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers, "the backbone has no checkpointable layers: the test sees nothing"
+    calls = []
+
+    def encode(ids, mask):
+        calls.append((torch.is_grad_enabled(), all(m.gradient_checkpointing for m in layers)))
+        return model(ids, mask)
+
+    def switch(on):
+        model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
+
+    q, p = TokenBatch(**model.tokenize(QUERIES, 64)), TokenBatch(**model.tokenize(PASSAGES, 64))
+    memory = MemoryConfig("cache", sub_batch_size=4, layer_checkpointing=True)
+    run_step(encode, M3Objective(LossConfig(), G), q, p, memory, gradient_checkpointing=switch)
+    no_grad, with_grad = (False, False), (True, True)
+    # (1) 2 query sub-batches; (2) 3 passage sub-batches + the kept one; (4) 3 again; (5) 2 query ones
+    assert calls == [no_grad] * 2 + [no_grad] * 3 + [with_grad] + [with_grad] * 3 + [with_grad] * 2, calls
+    assert not any(m.gradient_checkpointing for m in layers)
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+def test_encoders_run_sdpa_attention(tmp_path, kind):
+    """The grad passes recompute attention through PyTorch's fused SDPA where transformers offers it:
+    its default, kept by our model building and loading."""
+    from m3embed.model import M3Model
+
+    model = tiny_model(kind)
+    assert model.backbone.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    assert M3Model.from_pretrained(tmp_path).backbone.config._attn_implementation == "sdpa"
+
+
+def test_layer_checkpointing_needs_a_strategy_that_can_use_it():
+    with pytest.raises(ValueError, match="layer_checkpointing needs strategy 'cache'.*got strategy 'none'"):
+        MemoryConfig("none", layer_checkpointing=True)
+    assert MemoryConfig("checkpoint", layer_checkpointing=True).layer_checkpointing
+
+
 def test_token_budget_sub_batches_match(xlmr_tokenizer):
     ref = run(xlmr_tokenizer, "none", sub_batch_size=None, sub_batch_tokens=300)
     assert_same(ref, run(xlmr_tokenizer, "cache", sub_batch_size=None, sub_batch_tokens=300))
@@ -133,6 +212,27 @@ def test_auto_sub_batch_size_follows_the_budget_and_keeps_rng(xlmr_model):
     assert torch.equal(before, torch.get_rng_state())
     assert 1 <= small < large <= len(PASSAGES)
     assert large == len(PASSAGES)
+
+
+def test_auto_sub_batch_size_is_larger_with_layer_checkpointing(xlmr_tokenizer):
+    """The probe measures what a grad pass holds: under layer checkpointing the layers' inputs plus one
+    recomputed layer, far less per text than every layer's activations, so more texts fit."""
+    model = tiny_model(tokenizer=xlmr_tokenizer, layers=6, seed=0).train()
+    texts = sample_texts(B * G, seed=2, min_words=60, max_words=80)
+    q, p = TokenBatch(**model.tokenize(QUERIES, 64)), TokenBatch(**model.tokenize(texts, 128))
+
+    def switch(on):
+        model.gradient_checkpointing_enable() if on else model.gradient_checkpointing_disable()
+
+    budget = 8 * 2**20  # ~2 texts of 128 tokens without checkpointing (3.9 MB each), ~10 with (0.7 MB)
+    plain = choose_sub_batch_size(model, q, p, MemoryConfig(sub_batch_size="auto", memory_budget=budget))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    layers = MemoryConfig(sub_batch_size="auto", memory_budget=budget, layer_checkpointing=True)
+    checkpointed = choose_sub_batch_size(model, q, p, layers, gradient_checkpointing=switch)
+    assert torch.equal(before, torch.get_rng_state())
+    assert all(t.grad is None for t in model.parameters()), "the probe must leave no gradient behind"
+    assert plain >= 1 and checkpointed >= 3 * plain, (plain, checkpointed)
 
 
 def test_rand_context_replays_dropout():

@@ -64,13 +64,13 @@ def data_file(tmp_path_factory):
     return write_lines(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
-def run_config(model_dir, data_file, out, strategy="cache", **train_kw) -> RunConfig:
+def run_config(model_dir, data_file, out, strategy="cache", memory=None, **train_kw) -> RunConfig:
     train_kw = {"max_steps": 6, "learning_rate": 1e-3, "warmup_steps": 2, "progress_bar": False, **train_kw}
     return RunConfig.from_dict(
         {
             "train": {"model_name_or_path": model_dir, "output_dir": str(out), **train_kw},
             "data": {"train_data": data_file, "train_group_size": G, "batch_size": B},
-            "memory": {"strategy": strategy, "sub_batch_size": 3},
+            "memory": {"strategy": strategy, "sub_batch_size": 3, **(memory or {})},
             "loss": {"self_distill_start_step": 1},
         }
     )
@@ -140,6 +140,38 @@ def test_strategies_give_the_same_loss_curve(tmp_path, model_dir, data_file):
     }
     torch.testing.assert_close(curves["checkpoint"], curves["none"], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(curves["cache"], curves["none"], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_checkpointing_from_flag_or_file_is_saved_and_resumed(tmp_path, capsys, model_dir, data_file):
+    """``memory.layer_checkpointing`` comes from ``--layer-checkpointing`` or a config file (the flag
+    wins), is written in every checkpoint's config, and a run killed and resumed with it gives the
+    uninterrupted run's losses, which are those of ``cache`` without it."""
+
+    def resolved(*argv):
+        assert main(["train", "--train-data", data_file, *argv, "--print-config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)["memory"]["layer_checkpointing"]
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"memory": {"layer_checkpointing": True}}))
+    assert resolved() is False and resolved("--layer-checkpointing") is True
+    assert resolved("--config", str(cfg)) is True
+    assert resolved("--config", str(cfg), "--no-layer-checkpointing") is False
+
+    layers = {"layer_checkpointing": True}
+    plain = train(run_config(model_dir, data_file, tmp_path / "plain", max_steps=4))
+    full = train(run_config(model_dir, data_file, tmp_path / "full", memory=layers, max_steps=4))
+    torch.testing.assert_close(full.losses, plain.losses, rtol=1e-4, atol=1e-6)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(
+            run_config(model_dir, data_file, out, memory=layers, max_steps=4, save_steps=2),
+            on_step=kill_at(3),
+        )
+    assert ckpt.load_training_state(out / "checkpoint-2")["configs"]["memory"]["layer_checkpointing"] is True
+    resumed = train(
+        run_config(model_dir, data_file, out, memory=layers, max_steps=4, save_steps=2, resume="latest")
+    )
+    torch.testing.assert_close(resumed.losses, full.losses[2:], rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------- checkpoints

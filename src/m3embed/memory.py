@@ -13,7 +13,10 @@ All three take an encode function and an objective and give the same loss and th
   representation gradients; the last sub-batch keeps its graph from the first pass instead of being
   re-encoded); last the queries are re-encoded and backpropagate ``Σ rep·cached_grad``.
   It holds the query representations, the ``(Bq, Bp)`` score matrices and one sub-batch's
-  activations, whatever the number, length or width of the passages.
+  activations, whatever the number, length or width of the passages. With ``layer_checkpointing``
+  every pass with grad (the kept sub-batch, steps (4) and (5)) runs under the encoder's layer
+  checkpointing, so that one sub-batch holds its layers' inputs plus one layer, not every activation;
+  the passes without grad are unchanged.
 
 The memory trick knows nothing about the objective beyond :class:`Objective`: a score function of
 (queries, a block of passages) and a loss function of whole score matrices.
@@ -22,11 +25,7 @@ The memory trick knows nothing about the objective beyond :class:`Objective`: a 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import logging
-import os
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol, get_args
@@ -34,14 +33,16 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from m3embed.heap_trim import HeapTrim
 from m3embed.losses import BatchScores, LossOutput
-from m3embed.peak_memory import rss_bytes
 from m3embed.reps import M3Reps, inverse_permutation, merge, split_like
 from m3embed.settings import AT_LEAST_1, Bounds, check_fields, setting
+from m3embed.tensor_bytes import available_memory, peak_live_bytes, saved_bytes
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], M3Reps]
+CheckpointingFn = Callable[[bool], None]
 
 
 class Objective(Protocol):
@@ -102,9 +103,20 @@ class MemoryConfig:
         metavar="FRACTION",
         bounds=Bounds(gt=0, le=1),
     )
+    layer_checkpointing: bool = setting(
+        False,
+        "cache: run its passes with grad under the encoder's layer checkpointing, so a sub-batch holds its "
+        "layers' inputs plus one layer instead of every activation (less memory, larger --sub-batch-size "
+        "auto, one more forward per sub-batch); checkpoint always does this",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.layer_checkpointing and self.strategy == "none":
+            raise ValueError(
+                "MemoryConfig.layer_checkpointing needs strategy 'cache' (or 'checkpoint', which always "
+                "checkpoints layers), got strategy 'none', which keeps every activation by definition"
+            )
 
 
 @dataclass
@@ -187,22 +199,28 @@ def run_step(
     passages: TokenBatch,
     config: MemoryConfig,
     *,
-    gradient_checkpointing: Callable[[bool], None] | None = None,
+    gradient_checkpointing: CheckpointingFn | None = None,
 ) -> LossOutput:
     """Forward and backward of one batch; gradients are left in the parameters' ``.grad``.
 
     ``gradient_checkpointing(on)`` switches the encoder's own layer checkpointing for the
-    ``checkpoint`` strategy (without it, each sub-batch's encode is checkpointed as a whole).
+    ``checkpoint`` strategy and for ``cache`` with ``layer_checkpointing`` (without it, each sub-batch's
+    encode is checkpointed as a whole).
     Returns the objective's :class:`LossOutput`, detached: what it backpropagated and what it reports.
     """
     size = config.sub_batch_size
     if size == "auto":
-        size = choose_sub_batch_size(encode, queries, passages, config)
+        size = choose_sub_batch_size(
+            encode, queries, passages, config, gradient_checkpointing=gradient_checkpointing
+        )
     q_plan = plan_sub_batches(queries.lengths(), size, config.sub_batch_tokens)
     p_plan = plan_sub_batches(passages.lengths(), size, config.sub_batch_tokens)
 
     if config.strategy == "cache":
-        return _cached_step(encode, objective, queries, passages, q_plan, p_plan)
+        grad_encode = encode
+        if config.layer_checkpointing:
+            grad_encode = layer_checkpointed(encode, gradient_checkpointing)
+        return _cached_step(encode, grad_encode, objective, queries, passages, q_plan, p_plan)
     if config.strategy == "checkpoint":
         if gradient_checkpointing is None:
             return _plain_step(_checkpointed(encode), objective, queries, passages, q_plan, p_plan)
@@ -223,8 +241,10 @@ def _plain_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOut
     return out.detached()
 
 
-def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOutput:
-    """``cache``: queries cached as representations, passages as score columns, in five steps."""
+def _cached_step(encode, grad_encode, objective, queries, passages, q_plan, p_plan) -> LossOutput:
+    """``cache``: queries cached as representations, passages as score columns, in five steps.
+    ``encode`` runs the passes without grad, ``grad_encode`` those with grad (the same encoder, maybe
+    layer-checkpointed)."""
     # Step (1): encode the queries without grad, remembering the RNG state each sub-batch started from;
     # keep their representations (short texts, few of them). ``q_all`` are the queries every passage
     # is scored against (every rank's, under cross-device negatives), with autograd back to ``q``.
@@ -240,7 +260,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
 
     # Step (2): the score columns of every passage sub-batch against all queries (see _score_passages).
     *replayed, kept_rows = p_plan
-    scores, kept, p_states = _score_passages(encode, objective, q_leaf, passages, p_plan, trim)
+    scores, kept, p_states = _score_passages(encode, grad_encode, objective, q_leaf, passages, p_plan, trim)
 
     # Step (3): the loss on the whole score matrices; backward stops at them: dL/dS, each (Bq, Bp).
     out = objective.loss(scores)
@@ -260,7 +280,7 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     trim.now()  # the kept sub-batch's activations are dead: give their heap back before the re-encodes
     for rows, state in zip(replayed, p_states):
         with state:
-            block = objective.scores(q_leaf, encode(*_args(passages.select(rows))))
+            block = objective.scores(q_leaf, grad_encode(*_args(passages.select(rows))))
             _backward_dot(block.tensors(), columns_of(rows))
         del block
         trim()
@@ -272,14 +292,14 @@ def _cached_step(encode, objective, queries, passages, q_plan, p_plan) -> LossOu
     del q, q_all, q_leaf
     for rows, state, grad in zip(q_plan, q_states, q_grads):
         with state:
-            rep = encode(*_args(queries.select(rows)))
+            rep = grad_encode(*_args(queries.select(rows)))
             _backward_dot(rep.float_tensors(), grad)
         del rep
         trim()
     return out.detached()
 
 
-def _score_passages(encode, objective, q_leaf, passages, p_plan, trim: HeapTrim):
+def _score_passages(encode, grad_encode, objective, q_leaf, passages, p_plan, trim: HeapTrim):
     """Step (2) of ``cache``: each passage sub-batch but the last encoded without grad and scored
     against all queries; only its score columns are kept, its representations are dropped. The last
     one is encoded and scored with grad and its graph kept, so step (4) backpropagates it without
@@ -295,7 +315,7 @@ def _score_passages(encode, objective, q_leaf, passages, p_plan, trim: HeapTrim)
             p_states.append(state)
             columns.append(objective.scores(q_leaf, reps))
         reps = None  # the last sub-batch's representations, kept alive by the loop variable
-    kept = objective.scores(q_leaf, encode(*_args(passages.select(kept_rows))))
+    kept = objective.scores(q_leaf, grad_encode(*_args(passages.select(kept_rows))))
     columns.append(kept.map(torch.Tensor.detach))
     batch_order = inverse_permutation(p_plan, columns[0].dense.device)
     scores = BatchScores.cat(columns).map(lambda t: t[:, batch_order].requires_grad_())
@@ -319,49 +339,6 @@ def _backward_dot(tensors: dict[str, torch.Tensor], grads: dict[str, torch.Tenso
         torch.autograd.backward([t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs])
 
 
-class HeapTrim:
-    """Keeps glibc's heap from growing with the number of sub-batches (CPU only); call after each one.
-
-    glibc keeps the freed chunks of an encoder pass's many large, differently sized buffers and its
-    heap fragments, so the resident memory of a CPU step grows with the number of sub-batches
-    processed although no tensor outlives its sub-batch (measured: +143 MB of RSS over 16 no-grad
-    passage sub-batches of 8 × 512 tokens with all-MiniLM-L6-v2; flat with ``malloc_trim`` after
-    each). Trimming after every sub-batch would also return the pages the next one reuses, and the
-    step would pay their page faults again each time; so the heap is trimmed only once the resident
-    memory has grown ``margin`` bytes above its level after the first sub-batch since the last trim.
-    A no-op on CUDA (its caching allocator reuses blocks) and where glibc is absent.
-    """
-
-    def __init__(self, device: torch.device, margin: int = 64 * 2**20) -> None:
-        self.active = device.type == "cpu" and _MALLOC_TRIM is not None
-        self.margin = margin
-        self.base: int | None = None
-
-    def __call__(self) -> None:
-        if not self.active:
-            return
-        resident = rss_bytes()
-        if self.base is None:
-            self.base = resident
-        elif resident > self.base + self.margin:
-            self.now()
-
-    def now(self) -> None:
-        """Trim at once (e.g. when a phase's temporaries have just died)."""
-        if self.active:
-            _MALLOC_TRIM(0)
-            self.base = None
-
-
-def _find_malloc_trim():
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    return None
-
-
-_MALLOC_TRIM = _find_malloc_trim() if sys.platform.startswith("linux") else None
-
-
 def _grad_or_zeros(t: torch.Tensor) -> torch.Tensor:
     return t.grad if t.grad is not None else torch.zeros_like(t)
 
@@ -372,6 +349,23 @@ def _longest(batch: TokenBatch, rows: torch.Tensor) -> int:
 
 def _args(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch.input_ids, batch.attention_mask
+
+
+def layer_checkpointed(encode: EncodeFn, gradient_checkpointing: CheckpointingFn | None) -> EncodeFn:
+    """``encode`` with the encoder's layer checkpointing switched on for the call (non-reentrant, so
+    each layer's recompute replays its RNG state: dropout masks repeat); without
+    ``gradient_checkpointing``, the whole call is checkpointed instead."""
+    if gradient_checkpointing is None:
+        return _checkpointed(encode)
+
+    def run(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> M3Reps:
+        gradient_checkpointing(True)
+        try:
+            return encode(input_ids, attention_mask)
+        finally:  # the recompute in backward calls the layers directly: the switch may go off now
+            gradient_checkpointing(False)
+
+    return run
 
 
 def _checkpointed(encode: EncodeFn) -> EncodeFn:
@@ -394,54 +388,42 @@ def _checkpointed(encode: EncodeFn) -> EncodeFn:
 
 # ---------------------------------------------------------------------- sub_batch_size="auto"
 def choose_sub_batch_size(
-    encode: EncodeFn, queries: TokenBatch, passages: TokenBatch, config: MemoryConfig
+    encode: EncodeFn,
+    queries: TokenBatch,
+    passages: TokenBatch,
+    config: MemoryConfig,
+    *,
+    gradient_checkpointing: CheckpointingFn | None = None,
 ) -> int:
     """The largest sub-batch whose activations fit the memory budget, from a measured probe.
 
-    Encodes 1 and then 2 of the longest passages with autograd (RNG untouched), counts the bytes
-    autograd saves for backward, fits ``bytes(s) = a + b·s`` and solves for the budget.
+    Encodes 1 and then 2 of the longest passages with autograd (RNG untouched), measures the bytes
+    they hold, fits ``bytes(s) = a + b·s`` and solves for the budget. What is measured is what a grad
+    pass of ``config``'s step holds: the bytes autograd saves for backward, or, for ``cache`` with
+    ``layer_checkpointing``, the peak bytes alive through the layer-checkpointed encode and its
+    backward (layer inputs plus one recomputed layer: far fewer per text, so a larger sub-batch).
     """
     longest = passages if passages.input_ids.shape[1] >= queries.input_ids.shape[1] else queries
     top = torch.argsort(longest.lengths(), descending=True)[:2]
     device = longest.input_ids.device
     budget = config.memory_budget or int(config.memory_fraction * available_memory(device))
+    if config.strategy == "cache" and config.layer_checkpointing:
+        grad_encode = layer_checkpointed(encode, gradient_checkpointing)
+        measure = lambda b: peak_live_bytes(lambda: grad_encode(*_args(b)).float_tensors().values())  # noqa: E731
+    else:
+        measure = lambda b: saved_bytes(lambda: encode(*_args(b)))  # noqa: E731
     with RandContext(device):
-        one = _saved_bytes(encode, longest.select(top[:1]))
-        two = _saved_bytes(encode, longest.select(top[:2].repeat(2)[:2]))
+        one = measure(longest.select(top[:1]))
+        two = measure(longest.select(top[:2].repeat(2)[:2]))
     per_text = max(two - one, 1)
     fixed = max(one - per_text, 0)
     size = max(1, min(len(passages), (budget - fixed) // per_text))
     logger.info(
-        "sub_batch_size=auto: %d texts (budget %.1f MiB, %.2f MiB per text at length %d)",
+        "sub_batch_size=auto: %d texts (budget %.1f MiB, %.2f MiB per text at length %d%s)",
         size,
         budget / 2**20,
         per_text / 2**20,
         longest.input_ids.shape[1],
+        ", layer checkpointing" if config.layer_checkpointing else "",
     )
     return int(size)
-
-
-def _saved_bytes(encode: EncodeFn, batch: TokenBatch) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        reps = encode(*_args(batch))
-        del reps
-    return sum(seen.values())
-
-
-def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device`` (CUDA: the driver's free memory; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
