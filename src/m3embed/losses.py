@@ -183,23 +183,22 @@ def contrastive_loss(
 
     Shapes: scores (Bq, Bp), teacher (Bq, G) probabilities or None -> scalar.
     """
-    targets = target_columns(scores.shape[0], group_size, scores.device)
+    return contrastive_and_kd(scores, group_size, config, teacher)[0]
+
+
+def contrastive_and_kd(
+    scores: torch.Tensor, group_size: int, config: LossConfig, teacher: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`contrastive_loss` and the part of it that learns from the teacher (None without one):
+    all of it with ``m3_kd_loss``, the soft cross-entropy without the hard-label term with ``kl_div``."""
     if teacher is None:
-        return F.cross_entropy(scores, targets)
+        return F.cross_entropy(scores, target_columns(scores.shape[0], group_size, scores.device)), None
     if config.kd_loss_type == "kl_div":
-        return soft_cross_entropy(teacher, local_scores(scores, group_size)) + F.cross_entropy(
-            scores, targets
-        )
-    return m3_kd_loss(teacher, scores, group_size)
-
-
-@torch.no_grad()
-def kd_term(scores: torch.Tensor, group_size: int, config: LossConfig, teacher: torch.Tensor) -> torch.Tensor:
-    """The part of :func:`contrastive_loss` that learns from the teacher, for the log: all of it with
-    ``m3_kd_loss``, the soft cross-entropy without the hard-label term with ``kl_div``."""
-    if config.kd_loss_type == "kl_div":
-        return soft_cross_entropy(teacher, local_scores(scores, group_size))
-    return m3_kd_loss(teacher, scores, group_size)
+        kd = soft_cross_entropy(teacher, local_scores(scores, group_size))
+        targets = target_columns(scores.shape[0], group_size, scores.device)
+        return kd + F.cross_entropy(scores, targets), kd
+    kd = m3_kd_loss(teacher, scores, group_size)
+    return kd, kd
 
 
 def m3_loss(
@@ -216,7 +215,7 @@ def m3_loss(
     training computes it over the global batch while everything else stays in-batch).
 
     With ``teacher_scores`` each contrastive term is its :func:`contrastive_loss` with the teacher, and
-    the parts gain ``kd``: the teacher's share of the loss (:func:`kd_term`), for the log.
+    the parts gain ``kd``: the teacher's share of the loss (:func:`contrastive_and_kd`), for the log.
 
     Shapes: every score (Bq, Bq·G); teacher_scores (Bq, G) raw teacher scores or None.
     """
@@ -224,9 +223,14 @@ def m3_loss(
     teacher = None if teacher_scores is None else torch.softmax(teacher_scores.to(scores.dense), dim=-1)
 
     # (1) dense-only objective
-    dense = contrastive_loss(scores.dense, group_size, c, teacher) if dense_loss is None else dense_loss
-    kd = {} if teacher is None else {"kd": kd_term(scores.dense, group_size, c, teacher)}
+    if dense_loss is None:
+        dense, kd_dense = contrastive_and_kd(scores.dense, group_size, c, teacher)
+    else:  # the global dense term; the logged teacher share is this rank's, outside the graph
+        dense, kd_dense = dense_loss, None
+        if teacher is not None:
+            kd_dense = contrastive_and_kd(scores.dense.detach(), group_size, c, teacher)[1]
     if c.heads == "dense":
+        kd = {} if kd_dense is None else {"kd": kd_dense.detach()}
         return LossOutput(dense, {"dense": dense.detach(), **kd})
 
     # (2) contrastive loss of each output and of their ensemble
@@ -235,9 +239,9 @@ def m3_loss(
         + c.ensemble_sparse_weight * scores.sparse
         + c.ensemble_colbert_weight * scores.colbert
     )
-    sparse = contrastive_loss(scores.sparse, group_size, c, teacher)
-    colbert = contrastive_loss(scores.colbert, group_size, c, teacher)
-    ensemble = contrastive_loss(ensemble_scores, group_size, c, teacher)
+    sparse, kd_sparse = contrastive_and_kd(scores.sparse, group_size, c, teacher)
+    colbert, kd_colbert = contrastive_and_kd(scores.colbert, group_size, c, teacher)
+    ensemble, kd_ensemble = contrastive_and_kd(ensemble_scores, group_size, c, teacher)
     loss = (
         c.dense_loss_weight * dense
         + c.ensemble_loss_weight * ensemble
@@ -246,20 +250,11 @@ def m3_loss(
     ) / c.contrastive_normalizer
     parts = {"dense": dense, "sparse": sparse, "colbert": colbert, "ensemble": ensemble}
     if teacher is not None:  # the teacher's share of the loss, weighted as the contrastive terms are
-        terms = {
-            name: kd_term(output, group_size, c, teacher)
-            for name, output in (
-                ("dense", scores.dense),
-                ("sparse", scores.sparse),
-                ("colbert", scores.colbert),
-            )
-        }
-        terms["ensemble"] = kd_term(ensemble_scores, group_size, c, teacher)
         parts["kd"] = (
-            c.dense_loss_weight * terms["dense"]
-            + c.ensemble_loss_weight * terms["ensemble"]
-            + c.sparse_loss_weight * terms["sparse"]
-            + c.colbert_loss_weight * terms["colbert"]
+            c.dense_loss_weight * kd_dense
+            + c.ensemble_loss_weight * kd_ensemble
+            + c.sparse_loss_weight * kd_sparse
+            + c.colbert_loss_weight * kd_colbert
         ) / c.contrastive_normalizer
 
     # (3) self-knowledge distillation: the ensemble teaches each output

@@ -239,8 +239,8 @@ def load_teacher(
     """An :class:`M3Model` or a sentence-transformers ``CrossEncoder``, by what the folder holds.
 
     A cross-encoder folder (:func:`is_cross_encoder_folder`) loads as a ``CrossEncoder`` (``max_length``
-    caps its pair length); any other model folder (``pooling`` overrides its saved pooling) (``config.json``: an encoder, BGE-M3 layout or not)
-    as an M3Model. A folder that is neither is a one-line ``ValueError``.
+    caps its pair length); any other model folder (``config.json``: an encoder, BGE-M3 layout or not)
+    as an M3Model, with ``pooling`` over its saved pooling when given. A folder that is neither is a one-line ``ValueError``.
     """
     folder = Path(path).expanduser()
     if folder.is_dir() and is_cross_encoder_folder(folder):

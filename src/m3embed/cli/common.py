@@ -93,6 +93,27 @@ def model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = Fa
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
 
 
+def weights_arg(p: argparse.ArgumentParser) -> None:
+    """--weights: the fusion weights of search, eval, mine and score (as ``compute_score``'s)."""
+    from m3embed.scores import DEFAULT_WEIGHTS
+
+    p.add_argument(
+        "--weights",
+        type=float,
+        nargs=3,
+        default=DEFAULT_WEIGHTS,
+        metavar=("DENSE", "SPARSE", "COLBERT"),
+        help="fusion weights (default {} {} {})".format(*DEFAULT_WEIGHTS),
+    )
+
+
+def device_of(args: argparse.Namespace) -> str:
+    """``--device``, else cuda where there is one, else cpu."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(path: str, args: argparse.Namespace, config: dict | None = None):
     import torch
 
@@ -101,7 +122,7 @@ def load_model(path: str, args: argparse.Namespace, config: dict | None = None):
     overrides = dict(config or {})
     if args.pooling:
         overrides["pooling"] = args.pooling
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_of(args)
     # Heads missing from the directory are initialised randomly: seed them so that `encode` and a later
     # `search` load the same model (same fingerprint) and `eval` numbers are reproducible.
     torch.manual_seed(0)

@@ -9,12 +9,14 @@ import logging
 from m3embed.cli import lengths as length_flags
 from m3embed.cli.common import (
     PASSAGE_FLAG,
+    device_of,
     dist_timeout_arg,
     index_dir_arg,
     load_model,
     model_args,
     processes,
     user_errors,
+    weights_arg,
 )
 
 logger = logging.getLogger("m3embed.cli")
@@ -24,19 +26,6 @@ def add_mining(sub: argparse._SubParsersAction) -> None:
     """The mine and score commands; every default is MineOptions' or ScoreOptions'."""
     _add_mine(sub)
     _add_score(sub)
-
-
-def weights_arg(p: argparse.ArgumentParser) -> None:
-    from m3embed.scores import DEFAULT_WEIGHTS
-
-    p.add_argument(
-        "--weights",
-        type=float,
-        nargs=3,
-        default=DEFAULT_WEIGHTS,
-        metavar=("DENSE", "SPARSE", "COLBERT"),
-        help="weights of the fused modes, as in search (default {} {} {})".format(*DEFAULT_WEIGHTS),
-    )
 
 
 def _filter_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +170,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
 def _run_score(args: argparse.Namespace) -> int:
     import torch
 
+    from m3embed.model import M3Model
     from m3embed.teacher import ScoreOptions, load_teacher, score_training_file
 
     defaults = {key: getattr(ScoreOptions, key) for key in length_flags.FLAGS}
@@ -193,13 +183,12 @@ def _run_score(args: argparse.Namespace) -> int:
         overwrite_scores=args.overwrite_scores,
         **lengths,
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with processes(args) as ranks:
         torch.manual_seed(0)  # heads missing from the folder start the same in a rerun (resumes match)
         teacher = load_teacher(
-            args.teacher, device=device, pooling=args.pooling, max_length=args.passage_max_length
+            args.teacher, device=device_of(args), pooling=args.pooling, max_length=args.passage_max_length
         )
-        if not hasattr(teacher, "predict"):
+        if isinstance(teacher, M3Model):  # a cross-encoder has its own max length
             logger.info(said)
         counts = score_training_file(
             teacher, args.train, args.output, options, show_progress_bar=not args.no_progress, ranks=ranks

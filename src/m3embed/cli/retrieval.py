@@ -14,6 +14,7 @@ from m3embed.cli.common import (
     model_args,
     processes,
     user_errors,
+    weights_arg,
 )
 
 logger = logging.getLogger("m3embed.cli")
@@ -96,22 +97,13 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def _candidates_and_weights(p: argparse.ArgumentParser, candidates: int) -> None:
     """--candidates and --weights, the settings of ColBERT rerank and fusion (search and eval)."""
-    from m3embed.scores import DEFAULT_WEIGHTS
-
     p.add_argument(
         "--candidates",
         type=int,
         default=candidates,
         help=f"dense and sparse top-N fed to ColBERT rerank and fusion (default {candidates})",
     )
-    p.add_argument(
-        "--weights",
-        type=float,
-        nargs=3,
-        default=DEFAULT_WEIGHTS,
-        metavar=("DENSE", "SPARSE", "COLBERT"),
-        help="fusion weights (default {} {} {})".format(*DEFAULT_WEIGHTS),
-    )
+    weights_arg(p)
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
