@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 
+from m3embed.backbones import POOLINGS
 from m3embed.cli import lengths as length_flags
 from m3embed.cli.common import quiet_unless_rank_0, user_errors
 
@@ -64,6 +65,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("queries", help="queries.jsonl (_id, text) or a TSV file 'id<TAB>text'")
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
     _model_args(p, pooling_default_from_index=True)
+    _instruction_args(p)
     p.add_argument(
         "--mode",
         nargs="+",
@@ -123,6 +125,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     _model_args(p)
+    _instruction_args(p)
     p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     p.add_argument(
@@ -158,6 +161,7 @@ def _add_mine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("train", help="training JSONL (query, pos, neg)")
     p.add_argument("corpus", help="candidate documents: corpus.jsonl, .jsonl with 'text', or a text file")
     _model_args(p)
+    _instruction_args(p)
     p.add_argument("--output", required=True, help="training JSONL to write")
     p.add_argument(
         "--range",
@@ -229,8 +233,31 @@ def _processes(args: argparse.Namespace):
 
 def _model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = False) -> None:
     where = "the index's" if pooling_default_from_index else "the model's m3embed_config.json, else cls"
-    p.add_argument("--pooling", choices=("cls", "mean"), help=f"dense pooling (default: {where})")
+    p.add_argument("--pooling", choices=POOLINGS, help=f"dense pooling (default: {where})")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+
+
+def _instruction_args(p: argparse.ArgumentParser) -> None:
+    """FlagEmbedding's query-instruction settings (search, eval and mine encode queries)."""
+    p.add_argument(
+        "--query-instruction-for-retrieval",
+        "--query-instruction",
+        metavar="TEXT",
+        help="instruction put before every query, in --query-instruction-format (default: none)",
+    )
+    p.add_argument(
+        "--query-instruction-format",
+        metavar="FORMAT",
+        help="template of instruction and query, e.g. $'Instruct: {}\\nQuery: {}' (default: the model "
+        "family's: that one for decoder-only LLMs, '{}{}' for encoders)",
+    )
+
+
+def _instructions(args: argparse.Namespace) -> dict[str, str | None]:
+    return {
+        "query_instruction_for_retrieval": args.query_instruction_for_retrieval,
+        "query_instruction_format": args.query_instruction_format,
+    }
 
 
 def _load_model(path: str, args: argparse.Namespace, config: dict | None = None):
@@ -299,6 +326,7 @@ def _run_search(args: argparse.Namespace) -> int:
         query_max_length=lengths[key],
         batch_size=args.batch_size,
         use_faiss=not args.numpy,
+        **_instructions(args),
     )
     logger.info(
         "%s; passages %d tokens (as the index was encoded)", said, index.manifest["options"]["max_length"]
@@ -351,6 +379,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             show_progress_bar=not args.no_progress,
             ranks=ranks,
+            **_instructions(args),
         )
     if result is None:
         return 0  # not rank 0: it helped encode
@@ -380,6 +409,7 @@ def _check_eval_flags(args: argparse.Namespace, lengths: dict[str, int]) -> None
         weights=tuple(args.weights),
         query_max_length=lengths["query_max_length"],
         batch_size=args.batch_size,
+        **_instructions(args),
     )
 
 
@@ -396,6 +426,7 @@ def _run_mine(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         shard_size=args.shard_size,
         seed=args.seed,
+        **_instructions(args),
     )
     with _processes(args) as ranks:
         logger.info(said)
