@@ -313,7 +313,7 @@ class M3Model(nn.Module):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """:meth:`encode` of the queries with the instruction in FlagEmbedding's format (unset = the
-        family's: ``"Instruct: {}\nQuery: {}"`` for LLMs, ``"{}{}"`` for encoders)."""
+        family's: ``"Instruct: {}\\nQuery: {}"`` for LLMs, ``"{}{}"`` for encoders)."""
         single = isinstance(queries, str)
         texts = self.with_instruction(
             [queries] if single else list(queries), query_instruction_for_retrieval, query_instruction_format

@@ -199,6 +199,8 @@ def _evaluate(run: Run) -> dict[str, float] | None:
                 passage_max_length=tc.eval_passage_max_length or EVAL_DEFAULTS.passage_max_length,
                 batch_size=tc.eval_batch_size,
                 max_docs=tc.eval_max_docs,
+                query_instruction_for_retrieval=run.config.data.query_instruction,  # as in training
+                query_instruction_format=run.config.data.query_instruction_format,
                 top_k=EVAL_DEFAULTS.top_k,
                 candidates=EVAL_DEFAULTS.candidates,
                 seed=EVAL_DEFAULTS.seed,
