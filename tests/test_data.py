@@ -301,6 +301,8 @@ def test_query_instruction_and_prompt(tmp_path):
     batch = build_batch(ds, [0, 1], 2, 0, 0, query_instruction="query: ")
     assert batch.queries == ["query: q0", "Find the package: q1"]
     assert build_batch(ds, [0], 2, 0, 0).queries == ["q0"]
+    llm = build_batch(ds, [0, 1], 2, 0, 0, "Find", instruction_format="Instruct: {}\nQuery: {}")
+    assert llm.queries == ["Instruct: Find\nQuery: q0", "Instruct: Find the package: \nQuery: q1"]
 
 
 def test_batch_errors(scored, tmp_path):

@@ -79,6 +79,8 @@ def evaluate_beir(
     return_runs: bool = False,
     ranks: DistInfo = ONE_PROCESS,
     name: str | None = None,
+    query_instruction_for_retrieval: str | None = None,
+    query_instruction_format: str | None = None,
 ) -> dict[str, Any] | None:
     """Encode, search and score ``model`` on the BEIR folder ``folder`` (split ``split``).
 
@@ -95,6 +97,8 @@ def evaluate_beir(
     process group, as under ``torchrun``) every process encodes its share of the shards
     (:func:`~m3embed.index.encode_corpus`); rank 0 then searches and scores alone, the other ranks
     return None. ``name`` is what the log line calls the model (default: the folder it was loaded from).
+    The queries are read with ``query_instruction_for_retrieval`` in ``query_instruction_format``
+    (:class:`~m3embed.search.SearchOptions`).
 
     Returns::
 
@@ -125,6 +129,8 @@ def evaluate_beir(
         weights=tuple(weights),
         query_max_length=query_max_length,
         batch_size=batch_size,
+        query_instruction_for_retrieval=query_instruction_for_retrieval,
+        query_instruction_format=query_instruction_format,
     )
     searched = _encode_and_search(
         model, corpus, queries, modes, index_options, search_options, index_dir, show_progress_bar, ranks

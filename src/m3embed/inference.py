@@ -72,9 +72,10 @@ def numpy_outputs(
 ) -> dict[str, list[Any]]:
     """One batch's outputs named by ``keys`` (FlagEmbedding's), as one NumPy value per text, in batch order.
 
-    Lexical weights and ColBERT vectors cover each text's own tokens only (no padding; ColBERT skips CLS).
+    Lexical weights and ColBERT vectors cover each text's own tokens only (no padding, on whichever side;
+    ColBERT skips the first position).
     """
-    lengths = batch["attention_mask"].sum(1).tolist()
+    keep = batch["attention_mask"].bool().cpu().numpy()  # (b, L)
     out: dict[str, list[Any]] = {}
     if "dense_vecs" in keys:
         out["dense_vecs"] = list(reps.dense.float().cpu().numpy())
@@ -82,11 +83,11 @@ def numpy_outputs(
         weights = reps.token_weights.float().cpu().numpy()
         token_ids = batch["input_ids"].cpu().numpy()
         out["lexical_weights"] = [
-            _lexical_weights(token_ids[k, :n], weights[k, :n]) for k, n in enumerate(lengths)
+            _lexical_weights(token_ids[k, row], weights[k, row]) for k, row in enumerate(keep)
         ]
     if "colbert_vecs" in keys:
-        colbert = reps.colbert.float().cpu().numpy()
-        out["colbert_vecs"] = [colbert[k, : n - 1] for k, n in enumerate(lengths)]  # non-pad tokens after CLS
+        colbert = reps.colbert.float().cpu().numpy()  # (b, L-1, C): positions 1.. of the text
+        out["colbert_vecs"] = [colbert[k, row[1:]] for k, row in enumerate(keep)]
     return out
 
 

@@ -66,6 +66,8 @@ class MineOptions:
     absolute_margin: float | None = None  # drop candidates scoring above the positive's score - M
     max_score: float | None = None  # drop candidates scoring above S
     write_scores: bool = False  # write pos_scores/neg_scores (the mode's scores) for KD training
+    query_instruction_for_retrieval: str | None = None  # FlagEmbedding's: put before every query
+    query_instruction_format: str | None = None  # "{instruction}{query}" template; None = the model family's
 
     def __post_init__(self) -> None:
         lo, hi = self.rank_range
@@ -164,6 +166,8 @@ def mine_hard_negatives(
             query_max_length=options.query_max_length,
             batch_size=options.batch_size,
             weights=options.weights,
+            query_instruction_for_retrieval=options.query_instruction_for_retrieval,
+            query_instruction_format=options.query_instruction_format,
         )
         searcher = Searcher(index, model, search_options)
         # 3. Search and sample, batch by batch, into a temporary file renamed when complete.

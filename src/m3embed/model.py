@@ -25,9 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from m3embed import scores as S
+from m3embed.backbones import POOLINGS, append_eos_token, ensure_pad_token, family_of, format_query
 from m3embed.checkpoint import write_atomic
 from m3embed.inference import autocast_for, check_texts, eval_mode, numpy_outputs, tokenize
 from m3embed.loading import load_head, no_library_progress_bars, resolve_model_path
+from m3embed.pooling import pool
 from m3embed.reps import M3Reps
 from m3embed.st_files import max_seq_length, write_sentence_transformers_files
 
@@ -46,15 +48,15 @@ SPECIAL_TOKEN_ATTRS = ("cls_token_id", "eos_token_id", "sep_token_id", "pad_toke
 class M3Config:
     """How the three outputs are built from the encoder's last hidden state."""
 
-    pooling: Literal["cls", "mean"] = "cls"  # dense vector: CLS token (BGE-M3) or masked mean
+    pooling: Literal["cls", "mean", "last_token"] = "cls"  # CLS (BGE-M3), masked mean, or last token (LLMs)
     normalize: bool = True  # L2-normalise dense and ColBERT vectors (BGE-M3 inference default)
     colbert_dim: int = -1  # ColBERT vector size; -1 means the encoder's hidden size
     use_sparse: bool = True  # build the sparse (lexical weights) head
     use_colbert: bool = True  # build the ColBERT (multi-vector) head
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"M3Config.pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"M3Config.pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.colbert_dim == 0 or self.colbert_dim < -1:
             raise ValueError(
                 f"M3Config.colbert_dim must be -1 (hidden size) or positive, got {self.colbert_dim}"
@@ -69,7 +71,8 @@ class M3Config:
 class M3Model(nn.Module):
     """A text encoder with BGE-M3's three outputs.
 
-    ``forward`` returns :class:`~m3embed.reps.M3Reps` (tensors, for training); ``encode`` returns
+    The backbone's family (:mod:`m3embed.backbones`: encoder or decoder-only LLM) gives the defaults of
+    ``config`` when none is given. ``forward`` returns :class:`~m3embed.reps.M3Reps` (tensors, for training); ``encode`` returns
     FlagEmbedding's dict of NumPy outputs (for inference).
     """
 
@@ -77,7 +80,9 @@ class M3Model(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.tokenizer = tokenizer
-        self.config = config or M3Config()
+        self.family = family_of(backbone.config)
+        self.config = config or M3Config(**self.family.config_defaults())
+        ensure_pad_token(tokenizer, self.config.pooling)
         hidden = backbone.config.hidden_size
         colbert_dim = hidden if self.config.colbert_dim == -1 else self.config.colbert_dim
         self.sparse_linear = nn.Linear(hidden, 1) if self.config.use_sparse else None
@@ -96,7 +101,7 @@ class M3Model(nn.Module):
         cls,
         name_or_path: str | os.PathLike,
         *,
-        pooling: Literal["cls", "mean"] | None = None,
+        pooling: Literal["cls", "mean", "last_token"] | None = None,
         normalize: bool | None = None,
         colbert_dim: int | None = None,
         use_sparse: bool | None = None,
@@ -106,11 +111,14 @@ class M3Model(nn.Module):
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         warn_new_heads: bool = True,
+        append_eos: bool = False,
     ) -> M3Model:
         """Load a BGE-M3-layout directory or Hub name (e.g. ``BAAI/bge-m3``).
 
         Arguments left at ``None`` come from the directory's ``m3embed_config.json`` when present,
-        else from :class:`M3Config`'s defaults. Missing head files mean freshly initialised heads
+        else from the backbone family's defaults (:mod:`m3embed.backbones`: CLS and three heads for
+        encoders, ``last_token`` and dense only for decoder-only LLMs). ``append_eos`` makes the
+        tokenizer end every text with EOS (:func:`~m3embed.backbones.append_eos_token`). Missing head files mean freshly initialised heads
         (logged as a warning; at INFO with ``warn_new_heads=False``, for a caller that starts them
         itself, as training does from the encoder). A folder that does not exist, or is no model, raises
         ``FileNotFoundError`` / ``ValueError`` naming what was given.
@@ -131,13 +139,15 @@ class M3Model(nn.Module):
         sparse_state = load_head(path / SPARSE_FILE)
         if colbert_state is not None and "colbert_dim" not in saved:
             saved["colbert_dim"] = int(colbert_state["weight"].shape[0])
-        config = M3Config.from_dict(saved)
 
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if append_eos:
+            append_eos_token(tokenizer)
         # The folder is local by now (a Hub snapshot was downloaded above, with its bars): loading it
         # takes a second, and transformers' "Loading weights" bar is noise.
         with no_library_progress_bars():
             backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+        config = M3Config.from_dict({**family_of(backbone.config).config_defaults(), **saved})
         model = cls(backbone, tokenizer, config)
         for name, head, state, file in (
             ("colbert", model.colbert_linear, colbert_state, COLBERT_FILE),
@@ -206,15 +216,15 @@ class M3Model(nn.Module):
         Shapes: input_ids, attention_mask (B, L) -> M3Reps(dense (B, H), token_weights (B, L),
         colbert (B, L-1, C)).
         """
+        extra = {}
+        if self.family.position_ids_from_mask:  # rotary positions from each text's first token: a
+            # left-padded text gets exactly the vector of its right-padded self
+            extra["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
         hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask
+            input_ids=input_ids, attention_mask=attention_mask, **extra
         ).last_hidden_state  # (B, L, H)
         mask = attention_mask.to(hidden.dtype)
-
-        if self.config.pooling == "cls":
-            dense = hidden[:, 0]  # (B, H)
-        else:
-            dense = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+        dense = pool(hidden, attention_mask, self.config.pooling)  # (B, H)
 
         token_weights = None
         if self.sparse_linear is not None:
@@ -295,9 +305,27 @@ class M3Model(nn.Module):
             )
 
     def encode_queries(
-        self, queries: str | Sequence[str], max_length: int = 512, **kwargs: Any
+        self,
+        queries: str | Sequence[str],
+        max_length: int = 512,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        return self.encode(queries, max_length=max_length, **kwargs)
+        """:meth:`encode` of the queries with the instruction in FlagEmbedding's format (unset = the
+        family's: ``"Instruct: {}\\nQuery: {}"`` for LLMs, ``"{}{}"`` for encoders)."""
+        single = isinstance(queries, str)
+        texts = self.with_instruction(
+            [queries] if single else list(queries), query_instruction_for_retrieval, query_instruction_format
+        )
+        return self.encode(texts[0] if single else texts, max_length=max_length, **kwargs)
+
+    def with_instruction(
+        self, queries: Sequence[str], instruction: str | None, instruction_format: str | None = None
+    ) -> list[str]:
+        """The queries as the model reads them: each in ``instruction_format`` (unset = the family's)."""
+        fmt = instruction_format or self.family.query_instruction_format
+        return [format_query(q, instruction, fmt) for q in queries]
 
     def encode_corpus(
         self, corpus: str | Sequence[str], max_length: int = 512, **kwargs: Any

@@ -18,6 +18,7 @@ M3_INFERENCE_MODULE = "FlagEmbedding.inference.embedder.encoder_only.m3"
 
 
 M3_FINETUNE_MODULE = "FlagEmbedding.finetune.embedder.encoder_only.m3"
+LLM_INFERENCE_MODULE = "FlagEmbedding.inference.embedder.decoder_only.base"
 
 
 def load_flagembedding_m3() -> types.ModuleType:
@@ -31,6 +32,12 @@ def load_flagembedding_m3() -> types.ModuleType:
 def load_flagembedding_m3_finetune() -> types.ModuleType:
     """FlagEmbedding's ``finetune.embedder.encoder_only.m3`` module (its training model and runner)."""
     return _import(M3_FINETUNE_MODULE)
+
+
+def load_flagembedding_llm() -> types.ModuleType:
+    """FlagEmbedding's ``inference.embedder.decoder_only.base`` module: its ``BaseLLMEmbedder`` is the
+    package's ``FlagLLMModel``."""
+    return _import(LLM_INFERENCE_MODULE)
 
 
 def _import(module_name: str) -> types.ModuleType:

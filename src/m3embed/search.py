@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from m3embed.backbones import check_instruction_format
 from m3embed.index import CorpusIndex, lexical_weights_to_csr, model_fingerprint, model_name
 from m3embed.model import M3Model
 from m3embed.scores import DEFAULT_WEIGHTS, MODE_OUTPUTS, MODES, check_modes, check_weights, fuse
@@ -82,6 +83,8 @@ class SearchOptions:
     query_max_length: int = 512  # query truncation, in tokens
     batch_size: int = 64  # queries per encoder forward pass
     use_faiss: bool = True  # faiss IndexFlatIP for dense search when installed (NumPy otherwise)
+    query_instruction_for_retrieval: str | None = None  # FlagEmbedding's: put before every query
+    query_instruction_format: str | None = None  # "{instruction}{query}" template; None = the model family's
 
     def __post_init__(self) -> None:
         for name in ("top_k", "candidates", "query_max_length", "batch_size"):
@@ -93,6 +96,8 @@ class SearchOptions:
                 f"SearchOptions.weights must be 3 non-negative numbers (dense, sparse, colbert), got {self.weights}"
             )
         object.__setattr__(self, "weights", weights)
+        if self.query_instruction_format is not None:
+            check_instruction_format(self.query_instruction_format, "SearchOptions.query_instruction_format")
 
 
 @dataclass
@@ -153,7 +158,10 @@ class Searcher:
         else:
             texts = list(queries)
             ids = [str(i) for i in range(len(texts))]
-        ix = self.index
+        o, ix = self.options, self.index
+        texts = self.model.with_instruction(
+            texts, o.query_instruction_for_retrieval, o.query_instruction_format
+        )
         out = self.model.encode(
             texts,
             batch_size=self.options.batch_size,

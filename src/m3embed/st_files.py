@@ -7,7 +7,7 @@ config; its own models and BGE-M3's folder on the Hub carry these files, written
   when the model normalises; it has no settings, so ``2_Normalize/`` need not exist, as in
   sentence-transformers' own all-MiniLM-L6-v2 folder);
 * ``sentence_bert_config.json``: the Transformer's ``max_seq_length`` and ``do_lower_case``;
-* ``1_Pooling/config.json``: CLS or mean pooling, as :class:`~m3embed.model.M3Config` says;
+* ``1_Pooling/config.json``: CLS, mean or last-token pooling, as :class:`~m3embed.model.M3Config` says;
 * ``config_sentence_transformers.json``: the similarity (cosine for normalised vectors, else dot: the
   dense score is an inner product either way) and the versions that wrote the folder.
 
@@ -17,7 +17,8 @@ Pooling's ``cls`` and ``mean_tokens`` modes compute; then L2 normalisation when 
 
 Class references are the ``sentence_transformers.models.*`` names that every sentence-transformers
 release resolves (6.x maps them to its new modules), and the pooling config has the four
-``pooling_mode_*`` keys every release reads, as all-MiniLM-L6-v2's has; nothing needs
+``pooling_mode_*`` keys every release reads, as all-MiniLM-L6-v2's has (plus ``pooling_mode_lasttoken``
+for last-token pooling); nothing needs
 ``trust_remote_code``. ``M3Model.from_pretrained`` and FlagEmbedding read only the root's transformers
 files and the head files, so these change nothing for them.
 """
@@ -44,7 +45,7 @@ NORMALIZE_DIR = "2_Normalize"
 def write_sentence_transformers_files(
     directory: Path,
     *,
-    pooling: Literal["cls", "mean"],
+    pooling: Literal["cls", "mean", "last_token"],
     normalize: bool,
     hidden_size: int,
     max_seq_length: int | None,
@@ -72,6 +73,7 @@ def write_sentence_transformers_files(
             "pooling_mode_mean_tokens": pooling == "mean",
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
+            **({"pooling_mode_lasttoken": True} if pooling == "last_token" else {}),
         },
         MODEL_CONFIG_FILE: {
             "model_type": "SentenceTransformer",

@@ -1,4 +1,4 @@
-"""Tiny random encoders and offline tokenizers for tests, benchmarks (``--tiny``) and examples.
+"""Tiny random encoders and decoders and offline tokenizers for tests, benchmarks (``--tiny``) and examples.
 
 Nothing here downloads: tokenizers are trained on a few KB of text with the ``tokenizers`` library.
 """
@@ -81,6 +81,84 @@ def tiny_tokenizer(kind: Literal["xlmr", "bert"] = "xlmr", vocab_size: int = 400
     raise ValueError(f"kind must be 'xlmr' or 'bert', got {kind!r}")
 
 
+def tiny_decoder_tokenizer(
+    kind: Literal["qwen3", "llama"] = "qwen3",
+    vocab_size: int = 400,
+    padding_side: Literal["left", "right"] = "right",
+    pad: bool = True,
+):
+    """A byte-level BPE tokenizer for the tiny decoders, trained offline.
+
+    ``qwen3``: Qwen's layout, ``<|endoftext|>`` as EOS and pad, nothing added around a text (the
+    base Qwen3 tokenizer's behaviour). ``llama``: ``<s>`` before every text, ``</s>`` as EOS, and a pad
+    token ``<pad>`` unless ``pad=False`` (Llama's own tokenizer has none).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] if kind == "qwen3" else ["<unk>", "<s>", "</s>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(SAMPLE_TEXT.splitlines() * 4, trainer)
+    if kind == "qwen3":
+        names = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>" if pad else None}
+    elif kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B:1", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        names = {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>" if pad else None,
+        }
+    else:
+        raise ValueError(f"kind must be 'qwen3' or 'llama', got {kind!r}")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, padding_side=padding_side, model_max_length=512, **names
+    )
+
+
+def tiny_decoder(
+    kind: Literal["qwen3", "llama"] = "qwen3",
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    dropout: float = 0.1,
+    tokenizer=None,
+    config: M3Config | None = None,
+    seed: int = 0,
+) -> M3Model:
+    """A randomly initialised decoder-only M3Model (Qwen3 or Llama, hidden 32, 2 layers, 2 key-value
+    heads); its family's defaults apply: last-token pooling, dense only."""
+    from transformers import LlamaConfig, LlamaModel, Qwen3Config, Qwen3Model
+
+    tokenizer = tokenizer or tiny_decoder_tokenizer(kind)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=hidden // heads,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=512,
+        attention_dropout=dropout,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model_cls, config_cls = (Qwen3Model, Qwen3Config) if kind == "qwen3" else (LlamaModel, LlamaConfig)
+    backbone = model_cls(config_cls(**common))
+    return M3Model(backbone, tokenizer, config)
+
+
 def wide_vocab_tokenizer(vocab_size: int = 250_002):
     """A word-level XLM-RoBERTa-style tokenizer whose ids span ``vocab_size`` (BGE-M3 has 250,002).
 
@@ -125,7 +203,7 @@ def wide_vocab_texts(n: int, vocab_size: int = 250_002, seed: int = 0, max_words
 
 
 def tiny_model(
-    kind: Literal["xlmr", "bert"] = "xlmr",
+    kind: Literal["xlmr", "bert", "qwen3", "llama"] = "xlmr",
     *,
     hidden: int = 32,
     layers: int = 2,
@@ -136,7 +214,21 @@ def tiny_model(
     config: M3Config | None = None,
     seed: int = 0,
 ) -> M3Model:
-    """A randomly initialised M3Model (hidden 32, 2 layers by default) with an offline tokenizer."""
+    """A randomly initialised M3Model (hidden 32, 2 layers by default) with an offline tokenizer.
+
+    ``qwen3`` and ``llama`` are :func:`tiny_decoder` (same arguments; ``vocab_size`` is the tokenizer's).
+    """
+    if kind in ("qwen3", "llama"):
+        return tiny_decoder(
+            kind,
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            dropout=dropout,
+            tokenizer=tokenizer,
+            config=config,
+            seed=seed,
+        )
     from transformers import BertConfig, BertModel, XLMRobertaConfig, XLMRobertaModel
 
     tokenizer = tokenizer or tiny_tokenizer(kind)

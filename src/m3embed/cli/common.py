@@ -11,6 +11,8 @@ import re
 import sys
 from collections.abc import Mapping
 
+from m3embed.backbones import POOLINGS
+
 
 def quiet_unless_rank_0(rank: int) -> None:
     if rank != 0:  # under torchrun, rank 0 speaks for the job
@@ -89,8 +91,32 @@ def processes(args: argparse.Namespace):
 
 def model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = False) -> None:
     where = "the index's" if pooling_default_from_index else "the model's m3embed_config.json, else cls"
-    p.add_argument("--pooling", choices=("cls", "mean"), help=f"dense pooling (default: {where})")
+    p.add_argument("--pooling", choices=POOLINGS, help=f"dense pooling (default: {where})")
     p.add_argument("--device", help="torch device, e.g. cpu or cuda (default: cuda if available)")
+
+
+def instruction_args(p: argparse.ArgumentParser) -> None:
+    """FlagEmbedding's query-instruction settings (search, eval and mine encode queries)."""
+    p.add_argument(
+        "--query-instruction-for-retrieval",
+        "--query-instruction",
+        metavar="TEXT",
+        help="instruction put before every query, in --query-instruction-format (default: none)",
+    )
+    p.add_argument(
+        "--query-instruction-format",
+        metavar="FORMAT",
+        help="template of instruction and query, e.g. $'Instruct: {}\\nQuery: {}' (default: the model "
+        "family's: that one for decoder-only LLMs, '{}{}' for encoders)",
+    )
+
+
+def instructions(args: argparse.Namespace) -> dict[str, str | None]:
+    """The instruction flags as the keyword arguments of search, evaluate and mine."""
+    return {
+        "query_instruction_for_retrieval": args.query_instruction_for_retrieval,
+        "query_instruction_format": args.query_instruction_format,
+    }
 
 
 def weights_arg(p: argparse.ArgumentParser) -> None:

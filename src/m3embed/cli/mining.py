@@ -12,6 +12,8 @@ from m3embed.cli.common import (
     device_of,
     dist_timeout_arg,
     index_dir_arg,
+    instruction_args,
+    instructions,
     load_model,
     model_args,
     processes,
@@ -61,6 +63,7 @@ def _add_mine(sub: argparse._SubParsersAction) -> None:
     p.add_argument("train", help="training JSONL (query, pos, neg)")
     p.add_argument("corpus", help="candidate documents: corpus.jsonl, .jsonl with 'text', or a text file")
     model_args(p)
+    instruction_args(p)
     p.add_argument("--output", required=True, help="training JSONL to write")
     p.add_argument(
         "--range",
@@ -106,6 +109,7 @@ def _run_mine(args: argparse.Namespace) -> int:
         absolute_margin=args.absolute_margin,
         max_score=args.max_score,
         write_scores=args.write_scores,
+        **instructions(args),
     )
     with processes(args) as ranks:
         logger.info(said)

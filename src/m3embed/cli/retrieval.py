@@ -10,6 +10,8 @@ from m3embed.cli.common import (
     PASSAGE_FLAG,
     dist_timeout_arg,
     index_dir_arg,
+    instruction_args,
+    instructions,
     load_model,
     model_args,
     processes,
@@ -71,6 +73,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("queries", help="queries.jsonl (_id, text) or a TSV file 'id<TAB>text'")
     p.add_argument("--model", help="model to encode queries with (default: the one recorded in the index)")
     model_args(p, pooling_default_from_index=True)
+    instruction_args(p)
     p.add_argument(
         "--mode",
         nargs="+",
@@ -121,6 +124,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model directory (BGE-M3 layout) or Hub name")
     p.add_argument("beir_folder", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     model_args(p)
+    instruction_args(p)
     p.add_argument("--split", default=ED.split, help=f"qrels split (default {ED.split})")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="default: all")
     p.add_argument(
@@ -211,6 +215,7 @@ def _run_search(args: argparse.Namespace) -> int:
         query_max_length=lengths[key],
         batch_size=args.batch_size,
         use_faiss=not args.numpy,
+        **instructions(args),
     )
     logger.info(
         "%s; passages %d tokens (as the index was encoded)", said, index.manifest["options"]["max_length"]
@@ -263,6 +268,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             shard_size=args.shard_size,
             show_progress_bar=not args.no_progress,
             ranks=ranks,
+            **instructions(args),
         )
     if result is None:
         return 0  # not rank 0: it helped encode
@@ -292,4 +298,5 @@ def _check_eval_flags(args: argparse.Namespace, lengths: dict[str, int]) -> None
         weights=tuple(args.weights),
         query_max_length=lengths["query_max_length"],
         batch_size=args.batch_size,
+        **instructions(args),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from m3embed.backbones import PREFIX_INSTRUCTION_FORMAT, format_query
 from m3embed.data.dataset import TrainDataset, text_hash
 
 logger = logging.getLogger(__name__)
@@ -59,12 +60,14 @@ def build_group(
     seed: int,
     epoch: int,
     query_instruction: str | None = None,
+    instruction_format: str = PREFIX_INSTRUCTION_FORMAT,
 ) -> Group:
     """Draw example ``idx``'s group; the draw depends only on ``(seed, epoch, idx)``.
 
-    * Query: ``prefix + query`` where ``prefix`` is the line's ``prompt`` when it has a non-empty
-      one, else ``query_instruction`` (else nothing). (FlagEmbedding uses ``prompt`` only when an
-      instruction is configured; here a line's own prompt always applies.)
+    * Query: ``instruction_format.format(instruction, query)`` where ``instruction`` is the line's
+      ``prompt`` when it has a non-empty one, else ``query_instruction``; the query alone when there is
+      neither. (FlagEmbedding uses ``prompt`` only when an instruction is configured; here a line's own
+      prompt always applies.)
     * Positive: one of ``pos``, uniformly.
     * Negatives: ``G-1`` of ``neg`` without replacement when there are enough; when there are too
       few, FlagEmbedding's rule: ``neg`` repeated ``ceil((G-1)/len(neg))`` times, then sampled
@@ -97,7 +100,8 @@ def build_group(
             scores = [float(pos_scores[pos_idx])] + [float(neg_scores[int(i)]) for i in neg_idx]
     else:
         passages.extend(_negatives_from_other_positives(dataset, idx, need, rng))
-    return Group(query=prefix + example["query"], passages=passages, teacher_scores=scores)
+    query = format_query(example["query"], prefix, instruction_format)
+    return Group(query=query, passages=passages, teacher_scores=scores)
 
 
 def build_batch(
@@ -107,6 +111,7 @@ def build_batch(
     seed: int,
     epoch: int,
     query_instruction: str | None = None,
+    instruction_format: str = PREFIX_INSTRUCTION_FORMAT,
 ) -> TrainBatch:
     """Collate the groups of ``indices`` (one batch from :class:`SameDatasetBatchSampler`).
 
@@ -122,7 +127,10 @@ def build_batch(
         names = sorted(dataset.names[k] for k in files)
         raise ValueError(f"a batch must come from one dataset file, got indices from {names}")
     name = dataset.names[files.pop()]
-    groups = [build_group(dataset, int(i), group_size, seed, epoch, query_instruction) for i in indices]
+    groups = [
+        build_group(dataset, int(i), group_size, seed, epoch, query_instruction, instruction_format)
+        for i in indices
+    ]
     with_scores = [g.teacher_scores is not None for g in groups]
     teacher: torch.Tensor | None = None
     if any(with_scores):

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from m3embed.backbones import check_instruction_format
 from m3embed.settings import AT_LEAST_1, NON_NEGATIVE, build, check_fields, setting
 
 TRAIN_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
@@ -49,7 +50,17 @@ class DataConfig:
         bounds=AT_LEAST_1,
     )
     query_instruction: str | None = setting(
-        None, "prefix for queries whose line has no 'prompt'", metavar="TEXT"
+        None,
+        "instruction for queries whose line has no 'prompt', in --query-instruction-format",
+        flag=("--query-instruction", "--query-instruction-for-retrieval"),
+        metavar="TEXT",
+    )
+    query_instruction_format: str | None = setting(
+        None,
+        "template of instruction (the line's 'prompt' or --query-instruction) and query, FlagEmbedding's "
+        "query_instruction_format, e.g. $'Instruct: {}\\nQuery: {}'; unset = the model family's: that one "
+        "for decoder-only LLMs, '{}{}' (a prefix) for encoders",
+        metavar="FORMAT",
     )
     skip_bad_lines: bool = setting(
         False, "skip and count malformed lines instead of stopping with the line number"
@@ -95,6 +106,8 @@ class DataConfig:
         if self.length_buckets is not None:
             object.__setattr__(self, "length_buckets", normalize_length_buckets(self.length_buckets))
         check_fields(self)
+        if self.query_instruction_format is not None:
+            check_instruction_format(self.query_instruction_format, "DataConfig.query_instruction_format")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON/YAML-ready) to save next to a checkpoint."""

@@ -49,10 +49,15 @@ class TrainConfig:
         metavar="PATH",
         non_empty=True,
     )
-    pooling: Literal["cls", "mean"] | None = setting(
+    pooling: Literal["cls", "mean", "last_token"] | None = setting(
         None,
         "dense pooling; unset = the model's m3embed_config.json, else mean for the packaged MiniLM (how it "
-        "was trained), else cls (BGE-M3)",
+        "was trained), else the backbone family's: last_token for decoder-only LLMs, cls (BGE-M3) otherwise",
+    )
+    append_eos: bool = setting(
+        False,
+        "make the tokenizer end every text with its EOS token (Qwen3-Embedding's reference) when it does not "
+        "already; saved with the tokenizer",
     )
     output_dir: str = setting(
         "runs/m3embed", "where checkpoints and train_log.jsonl go", metavar="DIR", non_empty=True

@@ -172,11 +172,12 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
     if path is None:
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
-    head_flags = {} if loss.heads == "all" else {"use_sparse": False, "use_colbert": False}
+    # heads='all' asks for the sparse and ColBERT heads even where the family goes without (LLMs)
+    head_flags = {"use_sparse": loss.heads == "all", "use_colbert": loss.heads == "all"}
     # Heads the model comes without are started from the encoder (head_init) and say so then.
     quiet = tc.head_init == "encoder" and tc.resume is None
     return M3Model.from_pretrained(
-        path, pooling=pooling, device=device, warn_new_heads=not quiet, **head_flags
+        path, pooling=pooling, device=device, warn_new_heads=not quiet, append_eos=tc.append_eos, **head_flags
     )
 
 
@@ -198,6 +199,8 @@ def _evaluate(run: Run) -> dict[str, float] | None:
                 passage_max_length=tc.eval_passage_max_length or EVAL_DEFAULTS.passage_max_length,
                 batch_size=tc.eval_batch_size,
                 max_docs=tc.eval_max_docs,
+                query_instruction_for_retrieval=run.config.data.query_instruction,  # as in training
+                query_instruction_format=run.config.data.query_instruction_format,
                 top_k=EVAL_DEFAULTS.top_k,
                 candidates=EVAL_DEFAULTS.candidates,
                 seed=EVAL_DEFAULTS.seed,

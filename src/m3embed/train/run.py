@@ -53,9 +53,17 @@ class Run:
         dc, tc = self.config.data, self.config.train
         tokenizer = copy.deepcopy(self.model.tokenizer) if tc.prefetch_batches else self.model.tokenizer
 
+        instruction_format = dc.query_instruction_format or self.model.family.query_instruction_format
+
         def make(indices: list[int], epoch: int):
             batch = build_batch(
-                self.dataset, indices, dc.train_group_size, dc.seed, epoch, dc.query_instruction
+                self.dataset,
+                indices,
+                dc.train_group_size,
+                dc.seed,
+                epoch,
+                dc.query_instruction,
+                instruction_format,
             )
             queries = tokenize(tokenizer, batch.queries, tc.query_max_length)
             passages = tokenize(tokenizer, batch.passages, tc.passage_max_length)
