@@ -14,6 +14,7 @@ from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.peers import load_flagembedding_llm
 from m3embed.pooling import last_token_pool
+from m3embed.runlog import LOG_FILE, read_log
 from m3embed.step import train_step
 from m3embed.testing import sample_texts, tiny_decoder_tokenizer, tiny_model
 from m3embed.train import RunConfig, train
@@ -188,6 +189,7 @@ def test_strategies_give_the_same_loss_and_gradients_on_decoders(kind, side):
 
 
 def test_training_a_tiny_qwen3_saves_a_checkpoint_that_pools_the_same(tmp_path):
+    """Default heads ('auto'): a decoder trains the dense-only objective and gains no head."""
     folder = tmp_path / "qwen3"
     tiny_model("qwen3", dropout=0.1).save_pretrained(folder)
     queries = sample_texts(8, seed=4, min_words=2, max_words=8)
@@ -208,11 +210,13 @@ def test_training_a_tiny_qwen3_saves_a_checkpoint_that_pools_the_same(tmp_path):
             },
             "data": {"train_data": str(tmp_path / "train.jsonl"), "train_group_size": G, "batch_size": 2},
             "memory": {"strategy": "cache", "sub_batch_size": 2},
-            "loss": {"heads": "dense"},
         }
     )
+    assert config.loss.heads == "auto"
     result = train(config)
     assert len(result.losses) == 3 and all(np.isfinite(result.losses)), result.losses
+    steps = [e for e in read_log(tmp_path / "run" / LOG_FILE) if "loss" in e]
+    assert steps and all("dense" in e and "sparse" not in e and "colbert" not in e for e in steps), steps[0]
     saved = M3Model.from_pretrained(result.checkpoint)
     assert saved.config.pooling == "last_token" and saved.sparse_linear is None
     trained = M3Model.from_pretrained(result.checkpoint, pooling="last_token")

@@ -24,8 +24,10 @@ class LossConfig:
     """Weights and switches of the objective; defaults are FlagEmbedding's BGE-M3 values."""
 
     temperature: float = setting(0.02, "scores are divided by this before softmax", bounds=POSITIVE)
-    heads: Literal["all", "dense"] = setting(
-        "all", "all: dense + sparse + ColBERT (BGE-M3); dense: dense-only InfoNCE, no sparse/ColBERT heads"
+    heads: Literal["auto", "all", "dense"] = setting(
+        "auto",
+        "all: dense + sparse + ColBERT (BGE-M3); dense: dense-only InfoNCE, no sparse/ColBERT heads; "
+        "auto: the model's family (all for encoders, dense for decoder-only LLMs)",
     )
     # Ensemble score S_e = w_d·S_d + w_s·S_s + w_c·S_c (FlagEmbedding's ensemble_score).
     ensemble_dense_weight: float = setting(1.0, "w_d of the ensemble score", metavar="W")
@@ -126,9 +128,10 @@ def batch_scores(q: M3Reps, p: M3Reps, config: LossConfig) -> BatchScores:
     """Scores of every query against every passage of the batch, divided by the temperature."""
     tau = config.temperature
     dense = S.dense_scores(q.dense, p.dense) / tau
-    if config.heads == "dense":
+    no_heads = q.token_weights is None or q.colbert is None
+    if config.heads == "dense" or (config.heads == "auto" and no_heads):
         return BatchScores(dense)
-    if q.token_weights is None or q.colbert is None:
+    if no_heads:
         raise ValueError(
             "LossConfig.heads='all' needs a model with sparse and ColBERT heads; use heads='dense'"
         )
@@ -229,7 +232,7 @@ def m3_loss(
         dense, kd_dense = dense_loss, None
         if teacher is not None:
             kd_dense = contrastive_and_kd(scores.dense.detach(), group_size, c, teacher)[1]
-    if c.heads == "dense":
+    if scores.sparse is None:  # heads='dense', or 'auto' on a model without the sparse and ColBERT heads
         kd = {} if kd_dense is None else {"kd": kd_dense.detach()}
         return LossOutput(dense, {"dense": dense.detach(), **kd})
 

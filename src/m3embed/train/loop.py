@@ -172,8 +172,10 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
     if path is None:
         path = packaged_model_path()
         pooling = pooling or "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
-    # heads='all' asks for the sparse and ColBERT heads even where the family goes without (LLMs)
-    head_flags = {"use_sparse": loss.heads == "all", "use_colbert": loss.heads == "all"}
+    # heads='all' asks for the sparse and ColBERT heads even where the family goes without (LLMs);
+    # 'auto' takes the family's (or the folder's m3embed_config.json)
+    wanted = None if loss.heads == "auto" else loss.heads == "all"
+    head_flags = {"use_sparse": wanted, "use_colbert": wanted}
     # Heads the model comes without are started from the encoder (head_init) and say so then.
     quiet = tc.head_init == "encoder" and tc.resume is None
     return M3Model.from_pretrained(
