@@ -39,6 +39,7 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
+MERGED_DIR = "merged"  # a LoRA checkpoint's merged model
 TRAIN_CONFIG = "train_config.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
@@ -71,8 +72,10 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     configs: Mapping[str, Any],
     keep_last: int | None = None,
+    merged: bool = False,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically, point ``latest`` at it, keep the last ``keep_last``.
+    ``merged``: also ``merged/``, the model with its LoRA adapters merged in (``M3Model.save_pretrained``).
 
     ``rng_states`` holds one :func:`rng_state` per rank (index = rank). Returns the checkpoint folder.
     """
@@ -85,6 +88,8 @@ def save_checkpoint(
 
     # 1. Everything into the temporary folder; trainer_state.json last.
     model.save_pretrained(tmp)
+    if merged:
+        model.save_pretrained(tmp / MERGED_DIR, merged=True)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     torch.save(scheduler.state_dict(), tmp / SCHEDULER)
     torch.save({"ranks": rng_states}, tmp / RNG_STATE)

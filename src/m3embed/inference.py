@@ -4,6 +4,7 @@ autocast for the duration, and a batch's outputs in FlagEmbedding's NumPy format
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
@@ -12,6 +13,8 @@ import torch
 from torch import nn
 
 from m3embed.reps import M3Reps
+
+logger = logging.getLogger(__name__)
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
@@ -101,3 +104,45 @@ def _lexical_weights(token_ids: np.ndarray, weights: np.ndarray) -> dict[str, fl
     token_ids, weights = token_ids[order], weights[order]
     last = np.append(token_ids[1:] != token_ids[:-1], True)
     return dict(zip(map(str, token_ids[last].tolist()), weights[last].tolist()))
+
+
+def encode_batches(
+    model: Any, token_ids: list[list[int]], batch_size: int, autocast: Any = None
+) -> Iterator[tuple[list[int], dict[str, torch.Tensor], M3Reps]]:
+    """Run ``model`` over length-sorted batches of tokenised texts: yield ``(rows, batch, reps)``.
+
+    Texts are batched longest first, so each batch carries little padding; ``rows`` are the texts'
+    positions in ``token_ids``, ``batch`` the padded ``input_ids`` / ``attention_mask`` on the model's
+    device. A batch that runs out of memory is retried with 3/4 of the batch size (FlagEmbedding's
+    back-off), down to one text; the smaller size is kept for the rest. ``autocast`` is a context
+    manager around each forward pass (none by default).
+
+    Shapes: batch["input_ids"], batch["attention_mask"] (b, L) -> reps of b texts.
+    """
+    device = model.device
+    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+    start = 0
+    while start < len(order):
+        rows = order[start : start + batch_size]
+        padded = model.tokenizer.pad({"input_ids": [token_ids[i] for i in rows]}, return_tensors="pt")
+        batch = {
+            "input_ids": padded["input_ids"].to(device),
+            "attention_mask": padded["attention_mask"].to(device),
+        }
+        try:
+            with autocast or contextlib.nullcontext():
+                reps = model(batch["input_ids"], batch["attention_mask"])
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            batch_size = batch_size * 3 // 4 or 1
+            logger.warning("out of memory while encoding; retrying with batch_size=%d", batch_size)
+            _empty_cache(device)
+            continue
+        yield rows, batch, reps
+        start += len(rows)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

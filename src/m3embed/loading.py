@@ -36,10 +36,11 @@ def resolve_model_path(name_or_path: str | os.PathLike, cache_dir: str | None = 
     path = Path(given).expanduser()
     expected = "give a BGE-M3-layout folder or a Hub name"
     if path.is_dir():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise ValueError(
-                f"model folder {given} has no config.json, so it is not a model folder; {expected} "
-                "(a folder with config.json, the tokenizer files and the weights, e.g. a checkpoint-<step>)"
+                f"model folder {given} has no config.json (nor a LoRA adapter's adapter_config.json), so it "
+                f"is not a model folder; {expected} (a folder with config.json, the tokenizer files and the "
+                "weights, e.g. a checkpoint-<step>)"
             )
         return path
     if path.exists():

@@ -9,11 +9,10 @@ FlagEmbedding does is :mod:`m3embed.inference` (their public names are importabl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -24,11 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from m3embed import lora as lora_io
 from m3embed import scores as S
 from m3embed.backbones import POOLINGS, append_eos_token, ensure_pad_token, family_of, format_query
 from m3embed.checkpoint import write_atomic
-from m3embed.inference import autocast_for, check_texts, eval_mode, numpy_outputs, tokenize
+from m3embed.inference import autocast_for, check_texts, encode_batches, eval_mode, numpy_outputs, tokenize
 from m3embed.loading import load_head, no_library_progress_bars, resolve_model_path
+from m3embed.lora import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_TARGET_MODULES, LoraSettings
 from m3embed.pooling import pool
 from m3embed.reps import M3Reps
 from m3embed.st_files import max_seq_length, write_sentence_transformers_files
@@ -145,8 +146,15 @@ class M3Model(nn.Module):
             append_eos_token(tokenizer)
         # The folder is local by now (a Hub snapshot was downloaded above, with its bars): loading it
         # takes a second, and transformers' "Loading weights" bar is noise.
+        base = lora_io.adapter_base(path)  # an adapter folder: the encoder it adapts, then the adapter
         with no_library_progress_bars():
-            backbone = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=torch_dtype)
+            backbone = AutoModel.from_pretrained(
+                resolve_model_path(base) if base else path,
+                trust_remote_code=trust_remote_code,
+                dtype=torch_dtype,
+            )
+        if base:
+            backbone = lora_io.load_adapter(backbone, path)
         config = M3Config.from_dict({**family_of(backbone.config).config_defaults(), **saved})
         model = cls(backbone, tokenizer, config)
         for name, head, state, file in (
@@ -161,22 +169,28 @@ class M3Model(nn.Module):
             else:
                 head.load_state_dict(state)
                 model.new_heads.discard(name)
-        if torch_dtype is not None:
-            model.to(torch_dtype)
         if device is not None:
             model.to(device)
         return model.eval()  # as transformers does: inference mode until someone calls .train()
 
-    def save_pretrained(self, directory: str | os.PathLike, safe_serialization: bool = True) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, safe_serialization: bool = True, merged: bool = False
+    ) -> None:
         """Write BGE-M3's layout: encoder + tokenizer files, ``colbert_linear.pt``, ``sparse_linear.pt``.
 
         Also ``m3embed_config.json`` and sentence-transformers' files, so that
         ``SentenceTransformer(directory).encode(texts)`` gives this model's dense vectors
-        (:func:`m3embed.st_files.write_sentence_transformers_files`).
+        (:func:`m3embed.st_files.write_sentence_transformers_files`). With LoRA adapters the encoder is
+        written as peft's adapter folder (no sentence-transformers files: it needs its base model), or
+        with ``merged=True`` as the full encoder with the adapters merged in (:mod:`m3embed.lora`).
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory, safe_serialization=safe_serialization)
+        adapter_only = lora_io.is_lora(self.backbone) and not merged
+        if lora_io.is_lora(self.backbone):
+            lora_io.save_backbone(self.backbone, directory, merged, safe_serialization)
+        else:
+            self.backbone.save_pretrained(directory, safe_serialization=safe_serialization)
         self.tokenizer.save_pretrained(directory)
         for head, file in ((self.colbert_linear, COLBERT_FILE), (self.sparse_linear, SPARSE_FILE)):
             if head is not None:
@@ -184,6 +198,8 @@ class M3Model(nn.Module):
                     {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}, directory / file
                 )
         write_atomic(directory / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
+        if adapter_only:
+            return
         write_sentence_transformers_files(
             directory,
             pooling=self.config.pooling,
@@ -191,6 +207,23 @@ class M3Model(nn.Module):
             hidden_size=self.backbone.config.hidden_size,
             max_seq_length=max_seq_length(self.tokenizer, self.backbone),
         )
+
+    def add_lora(
+        self,
+        rank: int = 64,
+        alpha: float = DEFAULT_ALPHA,
+        dropout: float = DEFAULT_DROPOUT,
+        target_modules: Sequence[str] = DEFAULT_TARGET_MODULES,
+        base_name_or_path: str | None = None,
+    ) -> M3Model:
+        """Put LoRA adapters (peft) on the encoder: its weights freeze, the fp32 adapters and the heads
+        train. The defaults are FlagEmbedding's for decoder-only embedders. ``base_name_or_path`` (default:
+        where the encoder was loaded from) is recorded in the saved adapter folder, which
+        ``from_pretrained`` loads on top of that encoder. Returns the model."""
+        source = base_name_or_path or getattr(self.backbone.config, "_name_or_path", None) or None
+        settings = LoraSettings(rank, alpha, dropout, tuple(target_modules))
+        self.backbone = lora_io.add_lora(self.backbone, settings, source)
+        return self
 
     def gradient_checkpointing_enable(self) -> None:
         """Layer-level activation checkpointing in the encoder (non-reentrant: RNG is replayed)."""
@@ -231,11 +264,11 @@ class M3Model(nn.Module):
             # Zero padding and special tokens *before* pooling (multiplication, not an in-place write,
             # so autograd keeps what it needs and nothing vocabulary-sized is ever built).
             keep = mask * ~torch.isin(input_ids, self.special_ids)
-            token_weights = torch.relu(self.sparse_linear(hidden)).squeeze(-1) * keep  # (B, L)
+            token_weights = torch.relu(self.sparse_linear(_as(hidden, self.sparse_linear))).squeeze(-1) * keep
 
         colbert = None
         if self.colbert_linear is not None:
-            colbert = self.colbert_linear(hidden[:, 1:]) * mask[:, 1:, None]  # (B, L-1, C)
+            colbert = self.colbert_linear(_as(hidden[:, 1:], self.colbert_linear)) * mask[:, 1:, None]
 
         if self.config.normalize:
             dense = F.normalize(dense, dim=-1)
@@ -388,43 +421,7 @@ class M3Model(nn.Module):
         return {k: v[0] for k, v in result.items()} if single else result
 
 
-def encode_batches(
-    model: M3Model, token_ids: list[list[int]], batch_size: int, autocast: Any = None
-) -> Iterator[tuple[list[int], dict[str, torch.Tensor], M3Reps]]:
-    """Run ``model`` over length-sorted batches of tokenised texts: yield ``(rows, batch, reps)``.
-
-    Texts are batched longest first, so each batch carries little padding; ``rows`` are the texts'
-    positions in ``token_ids``, ``batch`` the padded ``input_ids`` / ``attention_mask`` on the model's
-    device. A batch that runs out of memory is retried with 3/4 of the batch size (FlagEmbedding's
-    back-off), down to one text; the smaller size is kept for the rest. ``autocast`` is a context
-    manager around each forward pass (none by default).
-
-    Shapes: batch["input_ids"], batch["attention_mask"] (b, L) -> reps of b texts.
-    """
-    device = model.device
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-    start = 0
-    while start < len(order):
-        rows = order[start : start + batch_size]
-        padded = model.tokenizer.pad({"input_ids": [token_ids[i] for i in rows]}, return_tensors="pt")
-        batch = {
-            "input_ids": padded["input_ids"].to(device),
-            "attention_mask": padded["attention_mask"].to(device),
-        }
-        try:
-            with autocast or contextlib.nullcontext():
-                reps = model(batch["input_ids"], batch["attention_mask"])
-        except torch.OutOfMemoryError:
-            if batch_size == 1:
-                raise
-            batch_size = batch_size * 3 // 4 or 1
-            logger.warning("out of memory while encoding; retrying with batch_size=%d", batch_size)
-            _empty_cache(device)
-            continue
-        yield rows, batch, reps
-        start += len(rows)
-
-
-def _empty_cache(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+def _as(hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """The encoder's states in the head's dtype (fp32 heads on a bf16 / fp16 encoder; under autocast
+    the linear layer casts anyway)."""
+    return hidden if torch.is_autocast_enabled() else hidden.to(head.weight.dtype)

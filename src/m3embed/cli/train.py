@@ -32,7 +32,9 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         help="print the resolved config (YAML) and exit without training",
     )
     add_setting_flags(p)
-    p.set_defaults(func=user_errors(_run_train))
+    from m3embed.report import MissingExtra
+
+    p.set_defaults(func=user_errors(_run_train, MissingExtra))
 
 
 _TRAIN_DESCRIPTION = """\

@@ -22,9 +22,10 @@ from m3embed.train.run import Run
 logger = logging.getLogger(__name__)
 
 
-def save(run: Run, sampler_state: dict[str, Any]) -> Path | None:
+def save(run: Run, sampler_state: dict[str, Any], final: bool = False) -> Path | None:
     """Rank 0 writes the checkpoint (with every rank's RNG state and the sampler state of the batches
-    trained on, ``BatchStream.state_dict``); the others wait for it."""
+    trained on, ``BatchStream.state_dict``); the others wait for it. A LoRA run's checkpoint holds the
+    adapter; the ``final`` one (and every one with ``save_merged``) also the merged model in ``merged/``."""
     info, tc = run.info, run.config.train
     rng = ckpt.rng_state()
     if info.enabled:
@@ -50,6 +51,7 @@ def save(run: Run, sampler_state: dict[str, Any]) -> Path | None:
                 rng_states=states,
                 configs=run.config.to_dict(),
                 keep_last=tc.save_total_limit,
+                merged=bool(tc.lora_rank) and (final or tc.save_merged),
             )
     if info.enabled:
         torch.distributed.barrier()

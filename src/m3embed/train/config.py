@@ -21,6 +21,7 @@ from m3embed import checkpoint as ckpt
 from m3embed import report
 from m3embed.data import DataConfig
 from m3embed.eval_defaults import EVAL_DEFAULTS
+from m3embed.lora import DEFAULT_ALPHA, DEFAULT_DROPOUT, DEFAULT_TARGET_MODULES
 from m3embed.losses import LossConfig
 from m3embed.memory import MemoryConfig
 from m3embed.runlog import LOG_FILE
@@ -111,6 +112,37 @@ class TrainConfig:
         128, "passage truncation (FlagEmbedding's default)", metavar="TOKENS", bounds=AT_LEAST_1
     )
     freeze_encoder: bool = setting(False, "train only the sparse and ColBERT heads")
+    lora_rank: int = setting(
+        0,
+        "LoRA adapters of rank R on the encoder's --lora-target-modules (peft; 0 = off): the encoder's "
+        "weights freeze, the fp32 adapters and the heads train (FlagEmbedding's decoder-only rank: 64)",
+        metavar="R",
+        bounds=NON_NEGATIVE,
+    )
+    lora_alpha: float = setting(
+        DEFAULT_ALPHA, "LoRA's alpha: the update is alpha/R x B.A (FlagEmbedding's default)", bounds=POSITIVE
+    )
+    lora_dropout: float = setting(
+        DEFAULT_DROPOUT,
+        "dropout on the adapters' inputs (FlagEmbedding's default)",
+        bounds=Bounds(ge=0, lt=1),
+    )
+    lora_target_modules: tuple[str, ...] = setting(
+        DEFAULT_TARGET_MODULES,
+        "names of the linear layers that get adapters (FlagEmbedding's: the attention and MLP projections "
+        "of the Qwen / Llama / Mistral / Gemma families)",
+        metavar="NAME",
+    )
+    save_merged: bool = setting(
+        False,
+        "with --lora-rank: also write <checkpoint>/merged, the full model with the adapters merged in, at "
+        "every save (the last checkpoint always gets one)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] | None = setting(
+        None,
+        "the encoder's weights in this dtype, with --lora-rank (a 7B model does not fit in fp32); "
+        "adapters, heads, optimizer state, scores and loss stay fp32; unset = float32",
+    )
     head_init: Literal["encoder", "random"] = setting(
         "encoder",
         "how heads the model comes without (no BGE-M3 head files) start: encoder = sparse fitted to the "
@@ -220,11 +252,26 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_target_modules, list):  # from a flag or a config file
+            object.__setattr__(self, "lora_target_modules", tuple(self.lora_target_modules))
         check_fields(self)
         if self.fp16 and self.bf16:
             raise ValueError(
                 "TrainConfig.fp16 and TrainConfig.bf16 exclude each other: choose one autocast dtype "
                 "(docs/training.md, 'Which precision')"
+            )
+        if self.dtype not in (None, "float32") and not self.lora_rank:
+            raise ValueError(
+                f"TrainConfig.dtype {self.dtype} stores the encoder's weights in {self.dtype}, which "
+                "only LoRA training leaves frozen: add LoRA adapters (--lora-rank R, train.lora_rank), or keep "
+                "fp32 weights and train under --bf16 / --fp16 autocast"
+            )
+        if self.save_merged and not self.lora_rank:
+            raise ValueError("TrainConfig.save_merged needs LoRA adapters (--lora-rank R, train.lora_rank)")
+        if self.lora_rank and self.freeze_encoder:
+            raise ValueError(
+                "TrainConfig.lora_rank and TrainConfig.freeze_encoder exclude each other: "
+                "LoRA already freezes the encoder's weights and trains adapters on it"
             )
         if self.overwrite and self.resume:
             raise ValueError(

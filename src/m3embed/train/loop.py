@@ -16,6 +16,8 @@ from m3embed import checkpoint as ckpt
 from m3embed import distributed, heads, report
 from m3embed.data import SameDatasetBatchSampler, TrainDataset
 from m3embed.eval_defaults import EVAL_DEFAULTS
+from m3embed.loading import resolve_model_path
+from m3embed.lora import check_dtype_runs, dtype_of, trainable_summary
 from m3embed.losses import LossConfig
 from m3embed.model import M3Model
 from m3embed.runlog import LOG_FILE
@@ -81,7 +83,7 @@ def _train(config: RunConfig, info: distributed.DistInfo, on_step: StepCallback 
                 eval_after = _evaluate(run)
                 meter.after_evaluation()
             if done or (tc.save_steps and run.step % tc.save_steps == 0):
-                last_ckpt = save(run, batches.state_dict())
+                last_ckpt = save(run, batches.state_dict(), final=done)
             if on_step is not None:
                 on_step(run.step, metrics)
     if bar is not None:
@@ -155,6 +157,11 @@ def _build_model(
     tc = config.train
     torch.manual_seed(tc.seed)
     model = _load_model(resume_from or tc.model_name_or_path, tc, config.loss, device)
+    if tc.lora_rank and resume_from is None:  # a resumed run's checkpoint holds its adapter
+        base = str(resolve_model_path(tc.model_name_or_path or packaged_model_path()).resolve())
+        model.add_lora(tc.lora_rank, tc.lora_alpha, tc.lora_dropout, tc.lora_target_modules, base)
+    if tc.lora_rank and info.is_main:
+        logger.info("LoRA rank %d: %s", tc.lora_rank, trainable_summary(model))
     if resume_from is None and tc.head_init == "encoder" and model.new_heads:
         for line in heads.init_new_heads(model, dataset, tc.seed, tc.passage_max_length):
             if info.is_main:
@@ -178,8 +185,17 @@ def _load_model(path: str | Path | None, tc: TrainConfig, loss: LossConfig, devi
     head_flags = {"use_sparse": wanted, "use_colbert": wanted}
     # Heads the model comes without are started from the encoder (head_init) and say so then.
     quiet = tc.head_init == "encoder" and tc.resume is None
+    dtype = dtype_of(tc.dtype)
+    if dtype is not None:
+        check_dtype_runs(dtype, device)
     return M3Model.from_pretrained(
-        path, pooling=pooling, device=device, warn_new_heads=not quiet, append_eos=tc.append_eos, **head_flags
+        path,
+        pooling=pooling,
+        device=device,
+        torch_dtype=dtype,
+        warn_new_heads=not quiet,
+        append_eos=tc.append_eos,
+        **head_flags,
     )
 
 
