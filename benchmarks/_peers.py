@@ -2,6 +2,8 @@
 
 - FlagEmbedding 1.4.2's M3 *training* model (``finetune.embedder.encoder_only.m3``), built the way its
   runner builds it (``AutoModel`` + ``colbert_linear`` + ``sparse_linear``);
+- FlagEmbedding 1.4.2's decoder-only *training* model (``finetune.embedder.decoder_only.base``) with
+  peft LoRA, as its runner builds it for LLM embedders;
 - sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (gradient caching, dense only).
 
 Nothing here is part of m3embed; these helpers exist so the benchmark measures the peers as their own
@@ -81,6 +83,50 @@ def flagembedding_m3_model(
         unified_finetuning=True,
         use_self_distill=True,
         sentence_pooling_method="cls",
+    )
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def flagembedding_decoder_model(
+    backbone: nn.Module,
+    tokenizer: Any,
+    lora: dict[str, Any],
+    *,
+    sub_batch_size: int = 8,
+    checkpointing: bool = True,
+    temperature: float = 0.02,
+) -> nn.Module:
+    """FlagEmbedding's ``BiDecoderOnlyEmbedderModel`` in training mode over ``backbone`` with LoRA.
+
+    As its decoder-only runner does: ``peft.get_peft_model`` with ``LoraConfig(task_type=
+    FEATURE_EXTRACTION, r, lora_alpha, lora_dropout, target_modules)`` (``lora`` gives them),
+    last-token pooling, normalised embeddings, the given temperature; ``checkpointing`` is its
+    ``--gradient_checkpointing``: ``gradient_checkpointing_enable()`` + ``enable_input_require_grads()``.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from m3embed.peers import _import
+
+    fe = _import("FlagEmbedding.finetune.embedder.decoder_only.base.modeling")
+    config = LoraConfig(
+        task_type=TaskType.FEATURE_EXTRACTION,
+        inference_mode=False,
+        r=lora["rank"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=list(lora["target_modules"]),
+    )
+    model = fe.BiDecoderOnlyEmbedderModel(
+        get_peft_model(backbone, config),
+        tokenizer=tokenizer,
+        temperature=temperature,
+        sub_batch_size=sub_batch_size,
+        sentence_pooling_method="last_token",
+        normalize_embeddings=True,
     )
     if checkpointing:
         model.gradient_checkpointing_enable()

@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     workload = WORKLOADS[args.workload]
     default_out = (
-        Path(tempfile.gettempdir()) / "m3embed-memory-tiny" if workload.name == "tiny" else REPO / "docs"
+        Path(tempfile.gettempdir()) / "m3embed-memory-tiny"
+        if workload.name.startswith("tiny")
+        else REPO / "docs"
     )
     out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ def _peer_tokenizer(point: Point):
 def m3embed(
     strategy: str, autocast: str | None = None, layer_checkpointing: bool = False
 ) -> Callable[[Point], Step]:
-    """One step of ``m3embed.memory.run_step`` with ``M3Objective(LossConfig())`` and ``strategy``;
+    """One step of ``m3embed.memory.run_step`` with ``M3Objective(LossConfig())`` and ``strategy``
+    (LoRA adapters and loss settings as the workload gives them);
     ``autocast`` "bf16" or "fp16" runs the encoder under that autocast (fp16 with a dynamic loss scaler,
     as ``train --fp16``: the scaled loss, then unscale_ as the training loop does);
     ``layer_checkpointing`` is ``MemoryConfig``'s (``train --layer-checkpointing``)."""
@@ -78,10 +79,14 @@ def m3embed(
         from m3embed.memory import MemoryConfig, TokenBatch, run_step
         from m3embed.step import ScaledObjective, _autocast
 
-        model = point.workload.model().train().to(point.device)
+        model = point.workload.model()
+        if point.workload.lora is not None:  # the adapters m3embed train --lora-rank puts on
+            lora = point.workload.lora
+            model.add_lora(lora["rank"], lora["alpha"], lora["dropout"], lora["target_modules"])
+        model = model.train().to(point.device)
         q, p = _batch(point, model.tokenizer)
         queries, passages = TokenBatch(**q), TokenBatch(**p)
-        objective, encode = M3Objective(LossConfig(), point.workload.group), model
+        objective, encode = M3Objective(LossConfig(**point.workload.loss), point.workload.group), model
         if point.trace is not None:
             objective, encode = point.trace.objective(objective), point.trace.encode(model)
         config = MemoryConfig(
@@ -141,6 +146,25 @@ def flagembedding(checkpointing: bool) -> Callable[[Point], Step]:
     return prepare
 
 
+def flagembedding_decoder(point: Point) -> Step:
+    """FlagEmbedding's decoder-only training model with LoRA, sub-batches and gradient checkpointing
+    (``_peers``), on the workload's random decoder (the same weights as m3embed's)."""
+    import _peers
+
+    m3 = point.workload.model()
+    q, p = _batch(point, m3.tokenizer)
+    model = _peers.flagembedding_decoder_model(
+        m3.backbone, m3.tokenizer, point.workload.lora, sub_batch_size=point.sub_batch or -1
+    )
+    model.to(point.device)
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        return _peers.flagembedding_step(model, q, p)
+
+    return step
+
+
 def st_cached_mnrl(point: Point) -> Step:
     """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` on (query, positive, first hard
     negative) columns, dense only."""
@@ -186,6 +210,12 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "flagembedding-checkpoint", "FlagEmbedding checkpointing", flagembedding(True), "flagembedding"
+        ),
+        Method(
+            "flagembedding-decoder",
+            "FlagEmbedding decoder-only (LoRA, checkpointing)",
+            flagembedding_decoder,
+            "flagembedding",
         ),
         Method(
             "st-cached-mnrl",

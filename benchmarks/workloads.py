@@ -73,6 +73,79 @@ def bge_m3_width_xlmr():
     return M3Model(backbone, tokenizer, M3Config(colbert_dim=1024))
 
 
+def qwen3_0_6b_width():
+    """A random Qwen3 at Qwen3-Embedding-0.6B's widths (hidden 1024, 16 query / 8 key-value heads of
+    128, intermediate 3072, 151,669-token vocabulary) with 4 layers instead of 28, base weights in
+    bf16; the decoder family's defaults: last-token pooling, dense only. The tokenizer is a small
+    byte-level BPE trained offline (its ids use the first 2,000 rows of the embedding)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    from m3embed import M3Model, testing
+
+    tokenizer = testing.tiny_decoder_tokenizer("qwen3", vocab_size=2000)
+    config = Qwen3Config(
+        vocab_size=151_669,
+        hidden_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=3072,
+        max_position_embeddings=32_768,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    backbone = Qwen3Model(config).to(torch.bfloat16)
+    return M3Model(backbone, tokenizer)
+
+
+def qwen3_8b_width():
+    """A random Qwen3 at Qwen3-Embedding-8B's widths (hidden 4096, 32 query / 8 key-value heads of
+    128, intermediate 12,288, 151,665-token vocabulary) with 2 layers instead of 36, bf16 base weights:
+    the per-layer and per-token terms of docs/memory.md's 8B prediction, measured on a GPU."""
+    import torch
+    from transformers import Qwen3Config, Qwen3Model
+
+    from m3embed import M3Model, testing
+
+    tokenizer = testing.tiny_decoder_tokenizer("qwen3", vocab_size=2000)
+    config = Qwen3Config(
+        vocab_size=151_665,
+        hidden_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        intermediate_size=12_288,
+        max_position_embeddings=40_960,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    backbone = Qwen3Model(config).to(torch.bfloat16)
+    return M3Model(backbone, tokenizer)
+
+
+def tiny_qwen3():
+    from m3embed import testing
+
+    return testing.tiny_decoder("qwen3", hidden=32, layers=2)
+
+
+# Qwen3-Embedding's LoRA in the decoder workload: rank 16, FlagEmbedding's alpha, dropout and modules.
+DECODER_LORA = {
+    "rank": 16,
+    "alpha": 16,
+    "dropout": 0.1,
+    "target_modules": ("v_proj", "q_proj", "k_proj", "gate_proj", "down_proj", "o_proj", "up_proj"),
+}
+
+FLAGEMBEDDING_LORA = {**DECODER_LORA, "rank": 64}  # FlagEmbedding's decoder-only default rank
+TINY_LORA = {**DECODER_LORA, "rank": 4}
+
+
 TextSource = Callable[["Workload", int, Path], tuple[list[str], list[str]]]
 
 
@@ -138,6 +211,10 @@ class Workload:
     steps: int = 2
     # Steps at these batch sizes instead (e.g. 1 for a point measured for its memory only).
     steps_at: dict[int, int] = field(default_factory=dict)
+    # LoRA adapters (DECODER_LORA's keys) put on the model before the step; None: every weight trains.
+    lora: dict[str, Any] | None = None
+    # LossConfig's settings for m3embed's methods (the defaults: every head the model has).
+    loss: dict[str, Any] = field(default_factory=dict)
     # The report's checks against the project's targets: called with a ``report.Checks``.
     checks: Callable[[Any], None] = lambda checks: None
     point_timeout_s: int = 3600
@@ -215,6 +292,33 @@ def bge_m3_width_checks(c: Any) -> None:
 def wide_vocab_checks(c: Any) -> None:
     c.peak_ratio("m3embed-cache", "m3embed-cache", 64, 1.5, batch_b=8)
     c.peak_ratio("flagembedding-checkpoint", "flagembedding-checkpoint", 64, None, batch_b=8)
+
+
+def decoder_checks(c: Any) -> None:
+    layers, fe = "m3embed-cache-layerckpt", "flagembedding-decoder"
+    c.peak_ratio(layers, layers, 64, 1.15, batch_b=4)
+    c.slope_info(layers, 4, 64)
+    c.slope_info(fe, 4, 16)
+    for b in (4, 16, 64):
+        c.peak_ratio(layers, fe, b, 0.3 if b == 64 else None)
+
+
+def qwen3_8b_width_checks(c: Any) -> None:
+    layers, fe = "m3embed-cache-layerckpt", "flagembedding-decoder"
+    c.info(
+        "predicted for 2 layers at 8B width (docs/memory.md): one 8192-token text under layer "
+        "checkpointing (3 layer inputs + one layer in its backward, sub-batch 1)",
+        "8192 × (3 × 8 KB + 328 KB) = 2.9 GB, flat in B but for 1.34 MB/query + 320 B/query²",
+    )
+    c.slope_info(layers, 1, 4)
+    c.info("predicted FlagEmbedding decoder-only per query (2 layers)", "65,600 tokens × 3 × 8 KB = 1.6 GB")
+    c.slope_info(fe, 1, 2)
+    for b in (1, 2):
+        c.peak_ratio(layers, fe, b, None)
+
+
+def tiny_decoder_checks(c: Any) -> None:
+    c.peak_ratio("m3embed-cache-layerckpt", "flagembedding-decoder", 8, None)
 
 
 def tiny_checks(c: Any) -> None:
@@ -300,13 +404,66 @@ WORKLOADS = {
             checks=wide_vocab_checks,
         ),
         Workload(
+            "decoder",
+            "Decoder-only LLM with LoRA (Qwen3-Embedding-0.6B's widths, 4 layers, q64/p512, group 4)",
+            "random Qwen3 at Qwen3-Embedding-0.6B's widths (hidden 1024, 16/8 heads of 128, "
+            "intermediate 3072, 151,669-token vocabulary), **4 layers** (it has 28), bf16 base weights, "
+            "LoRA rank 16 (alpha 16, dropout 0.1, the 7 projections) in fp32, last-token pooling, dense "
+            "only, query 64 / passage 512 tokens, group 4, sub-batch 8",
+            model=qwen3_0_6b_width,
+            texts=debdesc_texts,
+            query_len=64,
+            passage_len=512,
+            group=4,
+            batches={"m3embed-cache-layerckpt": (4, 16, 64), "flagembedding-decoder": (4, 16, 64)},
+            steps=1,
+            lora=DECODER_LORA,
+            point_timeout_s=3 * 3600,
+            plot="memory_decoder.png",
+            checks=decoder_checks,
+        ),
+        Workload(
+            "qwen3-8b-width",
+            "Qwen3-Embedding-8B's width, 2 layers (q64/p8192, group 8; GPU)",
+            "random Qwen3 at Qwen3-Embedding-8B's widths (hidden 4096, 32/8 heads of 128, intermediate "
+            "12,288, 151,665-token vocabulary), **2 layers** (it has 36), bf16 base weights, LoRA rank 64 "
+            "(FlagEmbedding's default; alpha 16, dropout 0.1, the 7 projections) in fp32, last-token "
+            "pooling, dense only, query 64 / passage 8192 tokens, group 8, sub-batch 1",
+            model=qwen3_8b_width,
+            texts=debdesc_texts,
+            query_len=64,
+            passage_len=8192,
+            group=8,
+            batches={"m3embed-cache-layerckpt": (1, 2, 4), "flagembedding-decoder": (1, 2)},
+            sub_batch={"m3embed-cache-layerckpt": 1, "flagembedding-decoder": 1},
+            steps=1,
+            lora=FLAGEMBEDDING_LORA,
+            point_timeout_s=1800,
+            plot="memory_qwen3_8b_width.png",
+            checks=qwen3_8b_width_checks,
+        ),
+        Workload(
+            "tiny-decoder",
+            "Tiny random decoder with LoRA (`--workload tiny-decoder`)",
+            "random Qwen3 (hidden 32, 2 layers), LoRA rank 4, query 32 / passage 128 tokens, group 4, "
+            "dense only, fp32, dropout on",
+            model=tiny_qwen3,
+            texts=sample_texts,
+            group=4,
+            batches={"m3embed-cache-layerckpt": (4, 8), "flagembedding-decoder": (4, 8)},
+            lora=TINY_LORA,
+            point_timeout_s=600,
+            plot="memory_tiny_decoder.png",
+            checks=tiny_decoder_checks,
+        ),
+        Workload(
             "tiny",
             "Tiny random model (`--workload tiny`)",
             "random XLM-R (hidden 32, 2 layers, vocab 400), query 32 / passage 128 tokens, group 2, "
             "three heads, fp32, dropout on",
             model=tiny_xlmr,
             texts=sample_texts,
-            batches={m: (8, 32) for m in METHODS},
+            batches={m: (8, 32) for m in METHODS if m != "flagembedding-decoder"},
             point_timeout_s=600,
             plot="memory_tiny.png",
             checks=tiny_checks,
