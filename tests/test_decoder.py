@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3embed import M3Model
+from m3embed import M3Config, M3Model
 from m3embed.backbones import append_eos_token, format_query
 from m3embed.data import DataConfig
 from m3embed.losses import LossConfig
@@ -154,29 +154,28 @@ PASSAGES = sample_texts(B * G, seed=2, min_words=3, max_words=40)
 
 
 def step(kind, side, strategy, heads):
-    model = tiny_model(kind, dropout=0.1, seed=0).double()
+    three = heads == "all"
+    config = M3Config(pooling="last_token", use_sparse=three, use_colbert=three)
+    model = tiny_model(kind, dropout=0.1, seed=0, config=config).double()
     model.tokenizer.padding_side = side
     model.train()
     torch.manual_seed(1234)  # the dropout masks of this step
-    parts = train_step(
-        model,
-        QUERIES,
-        PASSAGES,
-        G,
-        memory=MemoryConfig(strategy, sub_batch_size=2),
-        loss=LossConfig(heads=heads),
-    )
+    layers = strategy == "cache + layer checkpointing"
+    memory = MemoryConfig(strategy.split()[0], sub_batch_size=2, layer_checkpointing=layers)
+    parts = train_step(model, QUERIES, PASSAGES, G, memory=memory, loss=LossConfig(heads=heads))
     return parts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_strategies_give_the_same_loss_and_gradients_on_decoders(kind, side):
-    """float64, dropout on, sub-batches of 2 (ragged: 3 queries, 9 passages)."""
-    ref_parts, ref_grads = step(kind, side, "none", "dense")
-    assert len(ref_grads) > 0
-    for strategy in ("checkpoint", "cache"):
-        parts, grads = step(kind, side, strategy, "dense")
+@pytest.mark.parametrize("heads", ["dense", "all"])
+def test_strategies_give_the_same_loss_and_gradients_on_decoders(kind, side, heads):
+    """float64, dropout on, sub-batches of 2 (ragged: 3 queries, 9 passages); every weight trains
+    (LoRA: tests/test_lora.py)."""
+    ref_parts, ref_grads = step(kind, side, "none", heads)
+    assert len(ref_grads) > 0 and (heads == "dense" or any("_linear" in n for n in ref_grads))
+    for strategy in ("checkpoint", "cache", "cache + layer checkpointing"):
+        parts, grads = step(kind, side, strategy, heads)
         for k in ref_parts:
             assert parts[k] == pytest.approx(ref_parts[k], rel=1e-9, abs=1e-10), (strategy, k)
         assert grads.keys() == ref_grads.keys()
