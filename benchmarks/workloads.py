@@ -73,11 +73,10 @@ def bge_m3_width_xlmr():
     return M3Model(backbone, tokenizer, M3Config(colbert_dim=1024))
 
 
-def qwen3_0_6b_width():
-    """A random Qwen3 at Qwen3-Embedding-0.6B's widths (hidden 1024, 16 query / 8 key-value heads of
-    128, intermediate 3072, 151,669-token vocabulary) with 4 layers instead of 28, base weights in
-    bf16; the decoder family's defaults: last-token pooling, dense only. The tokenizer is a small
-    byte-level BPE trained offline (its ids use the first 2,000 rows of the embedding)."""
+def _random_qwen3(**widths):
+    """A random Qwen3 M3Model with base weights in bf16 and ``widths`` (Qwen3Config's names); the
+    decoder family's defaults: last-token pooling, dense only. The tokenizer is a small byte-level BPE
+    trained offline (its ids use the first 2,000 rows of the embedding)."""
     import torch
     from transformers import Qwen3Config, Qwen3Model
 
@@ -85,47 +84,39 @@ def qwen3_0_6b_width():
 
     tokenizer = testing.tiny_decoder_tokenizer("qwen3", vocab_size=2000)
     config = Qwen3Config(
+        head_dim=128, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **widths
+    )
+    torch.manual_seed(0)
+    return M3Model(Qwen3Model(config).to(torch.bfloat16), tokenizer)
+
+
+def qwen3_0_6b_width():
+    """Qwen3-Embedding-0.6B's widths (hidden 1024, 16 query / 8 key-value heads of 128, intermediate
+    3072, 151,669-token vocabulary) with 4 layers instead of 28."""
+    return _random_qwen3(
         vocab_size=151_669,
         hidden_size=1024,
         num_hidden_layers=4,
         num_attention_heads=16,
         num_key_value_heads=8,
-        head_dim=128,
         intermediate_size=3072,
         max_position_embeddings=32_768,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    backbone = Qwen3Model(config).to(torch.bfloat16)
-    return M3Model(backbone, tokenizer)
 
 
 def qwen3_8b_width():
-    """A random Qwen3 at Qwen3-Embedding-8B's widths (hidden 4096, 32 query / 8 key-value heads of
-    128, intermediate 12,288, 151,665-token vocabulary) with 2 layers instead of 36, bf16 base weights:
-    the per-layer and per-token terms of docs/memory.md's 8B prediction, measured on a GPU."""
-    import torch
-    from transformers import Qwen3Config, Qwen3Model
-
-    from m3embed import M3Model, testing
-
-    tokenizer = testing.tiny_decoder_tokenizer("qwen3", vocab_size=2000)
-    config = Qwen3Config(
+    """Qwen3-Embedding-8B's widths (hidden 4096, 32 query / 8 key-value heads of 128, intermediate
+    12,288, 151,665-token vocabulary) with 2 layers instead of 36: the per-layer and per-token terms of
+    docs/memory.md's 8B prediction, measured on a GPU."""
+    return _random_qwen3(
         vocab_size=151_665,
         hidden_size=4096,
         num_hidden_layers=2,
         num_attention_heads=32,
         num_key_value_heads=8,
-        head_dim=128,
         intermediate_size=12_288,
         max_position_embeddings=40_960,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    backbone = Qwen3Model(config).to(torch.bfloat16)
-    return M3Model(backbone, tokenizer)
 
 
 def tiny_qwen3():
