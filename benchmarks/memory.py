@@ -164,6 +164,8 @@ def run_point(args: argparse.Namespace, workload: Workload, method: str, batch: 
     if args.nice:
         command = ["nice", "-n", str(args.nice), *command]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    if args.mmap_threshold:  # glibc maps every block above it and unmaps it when freed (see --help)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     start = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -260,6 +262,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--max-mb", type=float, default=16_000, help="skip points predicted above this")
     parser.add_argument("--nice", type=int, default=0, help="run points under `nice -n N`")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        metavar="BYTES",
+        help="CPU: fix glibc's mmap threshold in each point (MALLOC_MMAP_THRESHOLD_), so freed blocks "
+        "leave the resident set and the peak RSS counts live memory, not glibc's heap (slower steps)",
+    )
     parser.add_argument("--trace", action="store_true", help="m3embed points: peak RSS of each phase")
     parser.add_argument(
         "--report", action="store_true", help="only rewrite memory.md and the plots from memory.csv"
@@ -315,6 +324,7 @@ def measure(args: argparse.Namespace, workload: Workload, out: Path, argv: list[
         "steps": args.steps or "/".join(sorted({str(workload.steps_of(r["batch"])) for r in rows})),
         "minutes": round(minutes, 1),
         "points": len([r for r in rows if r["status"] == "ok"]),
+        "mmap_threshold": args.mmap_threshold,
     }
     earlier = [] if args.fresh else runs.get(name, {}).get("runs", [])
     runs[name] = {"runs": [*earlier, run], "plot": png if plotted else None}

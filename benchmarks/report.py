@@ -94,6 +94,16 @@ class Checks:
     def get(self, method: str, batch: int, key: str = "peak_mb"):
         return (_point(self.rows, self.workload, method, batch) or {}).get(key)
 
+    def largest_batch(self, method: str, also: str | None = None) -> int | None:
+        """The largest B at which ``method`` (and ``also``, if given) has a measured point."""
+        batches = [
+            r["batch"]
+            for r in self.rows
+            if r["workload"] == self.workload and r["method"] == method and r["status"] == "ok"
+        ]
+        batches = [b for b in batches if also is None or self.get(also, b) is not None]
+        return max(batches, default=None)
+
     def slope(self, method: str, small: int, big: int) -> float | None:
         a, b = self.get(method, small), self.get(method, big)
         return None if a is None or b is None else (b - a) / (big - small)
@@ -360,7 +370,12 @@ def _section(workload, rows: list[dict], record: dict) -> list[str]:
         lines.append(
             f"- run {r.get('started', '?')} (ended {r['date']}), m3embed {r.get('code', 'unknown')}: "
             f"{r['points']} point(s), {r['minutes']:.0f} min, {r['threads']} torch threads, "
-            f"{r['steps']} step(s) per point; {r['machine']}."
+            f"{r['steps']} step(s) per point; {r['machine']}"
+            + (
+                f"; glibc's mmap threshold fixed at {r['mmap_threshold']} bytes."
+                if r.get("mmap_threshold")
+                else "."
+            )
         )
     lines += ["", *table(rows, name), ""]
     if record.get("plot"):

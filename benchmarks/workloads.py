@@ -290,8 +290,12 @@ def decoder_checks(c: Any) -> None:
     c.peak_ratio(layers, layers, 64, 1.15, batch_b=4)
     c.slope_info(layers, 4, 64)
     c.slope_info(fe, 4, 16)
-    for b in (4, 16, 64):
-        c.peak_ratio(layers, fe, b, 0.3 if b == 64 else None)
+    # The target: ≤ 0.3× FlagEmbedding at the largest B that FlagEmbedding reaches (64 where
+    # memory allows; on a 24 GB CPU machine its B=64 is predicted over the RAM and skipped).
+    largest = c.largest_batch(fe, also=layers) or 64
+    for b in sorted({4, 16, 32, 64} | {largest}):
+        if b == largest or c.get(fe, b) is not None:
+            c.peak_ratio(layers, fe, b, 0.3 if b == largest else None)
 
 
 def qwen3_8b_width_checks(c: Any) -> None:
@@ -406,7 +410,7 @@ WORKLOADS = {
             query_len=64,
             passage_len=512,
             group=4,
-            batches={"m3embed-cache-layerckpt": (4, 16, 64), "flagembedding-decoder": (4, 16, 64)},
+            batches={"m3embed-cache-layerckpt": (4, 16, 32, 64), "flagembedding-decoder": (4, 16, 32, 64)},
             steps=1,
             lora=DECODER_LORA,
             point_timeout_s=3 * 3600,
