@@ -12,7 +12,7 @@ import torch
 from m3embed.mine import MineOptions, mine_hard_negatives
 from m3embed.model import M3Model
 from m3embed.search import Searcher, SearchOptions
-from m3embed.testing import sample_texts, tiny_model
+from m3embed.testing import sample_texts, tiny_decoder, tiny_model
 
 WEIGHTS = (0.4, 0.2, 0.4)
 N_DOCS, N_LINES = 40, 8
@@ -130,6 +130,33 @@ def test_without_filters_fill_up_stays_and_written_scores_cover_it(
         torch.testing.assert_close(
             r["neg_scores"], scores(model, r["query"], r["neg"], "dense"), rtol=0, atol=1e-5
         )
+
+
+def test_with_an_instruction_every_written_score_is_of_the_instructed_query(
+    data: Path, tmp_path: Path
+) -> None:
+    """The search ranks the instructed query; the positives' scores (which the filters compare with)
+    and the fill-ups' scores must score that same text, not the bare query. A decoder-only model (whose
+    last-token vector an instruction moves; a tiny random encoder's CLS vector barely does)."""
+    model = tiny_decoder("qwen3")
+    out = tmp_path / "mined.jsonl"
+    options = MineOptions(
+        rank_range=(30, 40),
+        negatives=12,
+        mode="dense",
+        write_scores=True,
+        query_instruction_for_retrieval="Find",
+        query_instruction_format="{}: {}",
+    )
+    mine_hard_negatives(model, data / "train.jsonl", data / "corpus.jsonl", out, options)
+    moved = 0.0
+    for r in read_rows(out):
+        assert not r["query"].startswith("Find: "), "the line keeps its own query"
+        want = scores(model, "Find: " + r["query"], r["pos"] + r["neg"], "dense")
+        torch.testing.assert_close(r["pos_scores"] + r["neg_scores"], want, rtol=0, atol=1e-5)
+        plain = scores(model, r["query"], r["pos"], "dense")
+        moved = max(moved, *(abs(a - b) for a, b in zip(plain, r["pos_scores"])))
+    assert moved > 1e-3, f"the instruction should change the positives' scores; largest change {moved}"
 
 
 @pytest.mark.parametrize(

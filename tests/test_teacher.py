@@ -12,7 +12,7 @@ import torch
 from m3embed.model import M3Model
 from m3embed.scores import MODES
 from m3embed.teacher import ScoreOptions, load_teacher, score_training_file
-from m3embed.testing import sample_texts, tiny_model, tiny_tokenizer
+from m3embed.testing import sample_texts, tiny_decoder, tiny_model, tiny_tokenizer
 
 WEIGHTS = (0.4, 0.2, 0.4)
 
@@ -94,6 +94,35 @@ def test_cross_encoder_teacher_scores_equal_predict(tmp_path: Path) -> None:
     for r in rows(tmp_path / "scored.jsonl"):
         want = ce.predict([(r["query"], p) for p in r["pos"] + r["neg"]], show_progress_bar=False)
         torch.testing.assert_close(r["pos_scores"] + r["neg_scores"], want.tolist(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"--query-instruction\) is for an embedding-model teacher"):
+        score_training_file(
+            ce, train, tmp_path / "x.jsonl", ScoreOptions(query_instruction_for_retrieval="Find: ")
+        )
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_a_query_instruction_scores_the_queries_as_the_model_reads_them(tmp_path: Path) -> None:
+    """A decoder-only teacher reads its queries with their instruction (as encode_queries and search
+    do); the scores written are those of the instructed query, in the given format."""
+    teacher = tiny_decoder("qwen3")
+    train = write_train(tmp_path / "train.jsonl")
+    options = ScoreOptions(
+        mode="dense",
+        batch_size=4,
+        query_instruction_for_retrieval="Find",
+        query_instruction_format="{}: {}",
+    )
+    score_training_file(teacher, train, tmp_path / "scored.jsonl", options)
+    moved = 0.0
+    for r in rows(tmp_path / "scored.jsonl"):
+        pairs = r["pos"] + r["neg"]
+        want = teacher.compute_score([("Find: " + r["query"], p) for p in pairs])["dense"]
+        plain = teacher.compute_score([(r["query"], p) for p in pairs])["dense"]
+        torch.testing.assert_close(r["pos_scores"] + r["neg_scores"], want, rtol=0, atol=1e-5)
+        moved = max(moved, *(abs(a - b) for a, b in zip(want, plain)))
+    assert moved > 1e-3, f"the instruction should change the scores; largest change {moved}"
+    with pytest.raises(ValueError, match=r"ScoreOptions\.query_instruction_format must contain two"):
+        ScoreOptions(query_instruction_for_retrieval="Find", query_instruction_format="{}")
 
 
 class Killed(Exception):

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from m3embed.backbones import check_instruction_format
 from m3embed.checkpoint import write_atomic
 from m3embed.data.line import parse_line
 from m3embed.distributed import ONE_PROCESS, DistInfo, gather_objects, on_main
@@ -65,9 +66,13 @@ class ScoreOptions:
     passage_max_length: int = 512
     chunk_lines: int = 1000  # lines per part file: the unit of resuming and of sharing out work
     overwrite_scores: bool = False  # rescore lines that already have pos_scores and neg_scores
+    query_instruction_for_retrieval: str | None = None  # FlagEmbedding's: put before every query
+    query_instruction_format: str | None = None  # "{instruction}{query}" template; None = the model family's
 
     def __post_init__(self) -> None:
         check_modes([self.mode], "ScoreOptions.mode")
+        if self.query_instruction_format is not None:
+            check_instruction_format(self.query_instruction_format, "ScoreOptions.query_instruction_format")
         weights = check_weights(self.weights, "ScoreOptions.weights")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(
@@ -83,11 +88,14 @@ class ScoreOptions:
 def options_pair_scores(
     model: M3Model, options: Any, queries: Sequence[str], passages: Sequence[Sequence[str]]
 ) -> list[list[float]]:
-    """:func:`m3_pair_scores` with the mode, weights, batch size and lengths of ``options`` (a
-    :class:`ScoreOptions` or :class:`~m3embed.mine.MineOptions`: both carry those fields)."""
+    """:func:`m3_pair_scores` with the mode, weights, batch size, lengths and query instruction of
+    ``options`` (a :class:`ScoreOptions` or :class:`~m3embed.mine.MineOptions`: both carry those
+    fields). The queries are scored as the model reads them, instruction included, as a search does."""
     return m3_pair_scores(
         model,
-        queries,
+        model.with_instruction(
+            queries, options.query_instruction_for_retrieval, options.query_instruction_format
+        ),
         passages,
         options.mode,
         options.weights,
@@ -159,6 +167,11 @@ def teacher_scorer(teacher: Any, options: ScoreOptions) -> tuple[PairScorer, str
 
         return score_m3, _sha(key)
     if _is_cross_encoder(teacher):
+        if options.query_instruction_for_retrieval is not None:
+            raise ValueError(
+                "a query instruction (--query-instruction) is for an embedding-model teacher; a "
+                "CrossEncoder scores the (query, passage) pairs as they are"
+            )
         settings = {"max_length": teacher.max_length, "batch_size": options.batch_size}
         key = json.dumps({"cross_encoder": _weights_fingerprint(teacher.model), **settings}, sort_keys=True)
 

@@ -96,7 +96,7 @@ def model_args(p: argparse.ArgumentParser, pooling_default_from_index: bool = Fa
 
 
 def instruction_args(p: argparse.ArgumentParser) -> None:
-    """FlagEmbedding's query-instruction settings (search, eval and mine encode queries)."""
+    """FlagEmbedding's query-instruction settings (search, eval, mine and score encode queries)."""
     p.add_argument(
         "--query-instruction-for-retrieval",
         "--query-instruction",
@@ -112,7 +112,7 @@ def instruction_args(p: argparse.ArgumentParser) -> None:
 
 
 def instructions(args: argparse.Namespace) -> dict[str, str | None]:
-    """The instruction flags as the keyword arguments of search, evaluate and mine."""
+    """The instruction flags as the keyword arguments of search, evaluate, mine and score."""
     return {
         "query_instruction_for_retrieval": args.query_instruction_for_retrieval,
         "query_instruction_format": args.query_instruction_format,

@@ -166,6 +166,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="rescore lines that already have pos_scores and neg_scores (default: keep them)",
     )
+    instruction_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist_timeout_arg(p)
     p.set_defaults(func=user_errors(_run_score))
@@ -185,6 +186,7 @@ def _run_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_lines=args.chunk_lines,
         overwrite_scores=args.overwrite_scores,
+        **instructions(args),
         **lengths,
     )
     with processes(args) as ranks:
