@@ -23,17 +23,9 @@ layers_ckpt = sys.argv[4] == "1"
 from m3embed.losses import LossConfig, M3Objective  # noqa: E402
 from m3embed.memory import MemoryConfig, TokenBatch, run_step  # noqa: E402
 from m3embed.peak_memory import PeakMemory  # noqa: E402
-from workloads import DECODER_LORA, _random_qwen3  # noqa: E402
+from workloads import DECODER_LORA, qwen3_0_6b_width  # noqa: E402
 
-m = _random_qwen3(
-    vocab_size=151_669,
-    hidden_size=1024,
-    num_hidden_layers=2,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    intermediate_size=3072,
-    max_position_embeddings=4096,
-)
+m = qwen3_0_6b_width(layers=2)
 if dtype == "fp32":
     m.float()
 if lora:

@@ -90,13 +90,13 @@ def _random_qwen3(**widths):
     return M3Model(Qwen3Model(config).to(torch.bfloat16), tokenizer)
 
 
-def qwen3_0_6b_width():
+def qwen3_0_6b_width(layers: int = 4):
     """Qwen3-Embedding-0.6B's widths (hidden 1024, 16 query / 8 key-value heads of 128, intermediate
-    3072, 151,669-token vocabulary) with 4 layers instead of 28."""
+    3072, 151,669-token vocabulary) with ``layers`` layers instead of 28."""
     return _random_qwen3(
         vocab_size=151_669,
         hidden_size=1024,
-        num_hidden_layers=4,
+        num_hidden_layers=layers,
         num_attention_heads=16,
         num_key_value_heads=8,
         intermediate_size=3072,
