@@ -22,13 +22,11 @@ parts, and rank 0 joins them when all are done.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import os
-import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from m3embed.backbones import check_instruction_format
 from m3embed.checkpoint import write_atomic
-from m3embed.data.line import parse_line
+from m3embed.data.chunked import check_line, join_parts, line_chunks, prepare_parts, read_raw_lines
 from m3embed.distributed import ONE_PROCESS, DistInfo, gather_objects, on_main
 from m3embed.index import model_fingerprint
 from m3embed.model import M3Model
@@ -50,7 +48,6 @@ DEFAULT_TEACHER_MODE = "colbert+sparse+dense"  # the fused score: BGE-M3's stron
 # Pairs encoded per call while scoring: enough for full batches after length sorting, few enough that
 # one call's ColBERT vectors stay small whatever the chunk size.
 PAIRS_PER_CALL_BATCHES = 4
-_BOM = b"\xef\xbb\xbf"
 PairScorer = Callable[[list[str], list[list[str]]], list[list[float]]]  # queries, passages -> scores
 
 
@@ -304,7 +301,7 @@ def score_training_file(
         raise ValueError(f"{train_path}: the training file has no lines")
     parts = output.with_name(output.name + ".parts")
     names = [f"part-{k:05d}-{digest[:16]}.jsonl" for k, digest in enumerate(digests)]
-    done = on_main(lambda: _prepare_parts(parts, names), ranks)
+    done = on_main(lambda: prepare_parts(parts, names), ranks)
     todo = [k for k, name in enumerate(names) if name not in done][ranks.rank :: ranks.world_size]
     # 2. Score this rank's chunks, each into its part file.
     physical = counts.pop("physical")
@@ -313,7 +310,7 @@ def score_training_file(
     )
     show = show_progress_bar and ranks.is_main
     with tqdm(total=physical, initial=reused, desc="Teacher scores", unit="line", disable=not show) as bar:
-        for k, lines in _chunks(train_path, options.chunk_lines):
+        for k, lines in line_chunks(train_path, options.chunk_lines):
             if k in todo:
                 write_atomic(parts / names[k], _score_chunk(lines, train_path, scorer, options))
                 bar.update(len(lines))
@@ -321,45 +318,13 @@ def score_training_file(
                     on_chunk(k)
     gather_objects(None, ranks)  # waits for every rank's last part
     # 3. Join the parts into the output.
-    on_main(lambda: _join(parts, names, output), ranks)
+    on_main(lambda: join_parts(parts, names, output), ranks)
     counts.update(chunks=len(names), reused_chunks=len(done))
     logger.info(
         "teacher scores: %d lines (%d scored, %d kept with their scores; %d of %d chunks reused) -> %s",
         counts["lines"], counts["scored"], counts["kept"], len(done), len(names), output,
     )  # fmt: skip
     return counts
-
-
-def _read_raw(path: Path) -> Iterator[tuple[int, bytes]]:
-    """``(line number, bytes)`` of a file (gzip if it ends in .gz), 1-based, newline kept; a UTF-8
-    byte-order mark dropped."""
-    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            yield lineno, raw[len(_BOM) :] if lineno == 1 and raw.startswith(_BOM) else raw
-
-
-def _chunks(path: Path, size: int) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
-    """``(k, lines)`` for chunk k = lines ``[k·size, (k+1)·size)`` of the file."""
-    chunk: list[tuple[int, bytes]] = []
-    for lineno, raw in _read_raw(path):
-        chunk.append((lineno, raw))
-        if len(chunk) == size:
-            yield (lineno - 1) // size, chunk
-            chunk = []
-    if chunk:
-        yield (chunk[0][0] - 1) // size, chunk
-
-
-def _check(raw: bytes, path: Path, lineno: int) -> dict[str, Any] | None:
-    """The line's example (None for a blank line); ValueError naming file, line and field if bad."""
-    if not raw.strip():
-        return None
-    example, problem = parse_line(raw.rstrip(b"\r\n"))
-    if problem is not None:
-        field_name, message = problem
-        where = f"{path}, line {lineno}" + (f", field {field_name!r}" if field_name else "")
-        raise ValueError(f"{where}: {message}")
-    return example
 
 
 def _needs_scores(example: dict[str, Any], overwrite: bool) -> bool:
@@ -371,14 +336,14 @@ def _scan(path: Path, chunk_lines: int, key: str, overwrite: bool) -> tuple[list
     digests: list[str] = []
     counts = {"lines": 0, "scored": 0, "kept": 0, "physical": 0}
     h = hashlib.sha256()
-    for lineno, raw in _read_raw(path):
+    for lineno, raw in read_raw_lines(path):
         if (lineno - 1) % chunk_lines == 0:
             if lineno > 1:
                 digests.append(h.hexdigest())
             h = hashlib.sha256(key.encode())
         h.update(raw)
         counts["physical"] = lineno
-        example = _check(raw, path, lineno)
+        example = check_line(raw, path, lineno)
         if example is not None:
             counts["lines"] += 1
             counts["scored" if _needs_scores(example, overwrite) else "kept"] += 1
@@ -391,7 +356,7 @@ def _score_chunk(
     lines: list[tuple[int, bytes]], path: Path, scorer: PairScorer, options: ScoreOptions
 ) -> bytes:
     """The output bytes of one chunk: lines to score rewritten with their scores, the others as they were."""
-    examples = [_check(raw, path, lineno) for lineno, raw in lines]
+    examples = [check_line(raw, path, lineno) for lineno, raw in lines]
     todo = [
         i for i, ex in enumerate(examples) if ex is not None and _needs_scores(ex, options.overwrite_scores)
     ]
@@ -417,35 +382,3 @@ def _score_chunk(
 
 def _passages(example: dict[str, Any]) -> list[str]:
     return list(example["pos"]) + list(example.get("neg") or [])
-
-
-def _prepare_parts(parts: Path, names: list[str]) -> set[str]:
-    """The finished parts of this file that are still valid; every other file in ``parts`` removed."""
-    parts.mkdir(parents=True, exist_ok=True)
-    kept = set()
-    for path in parts.iterdir():
-        if path.name in names:
-            kept.add(path.name)
-        else:
-            logger.info("removing %s (unfinished, or its lines or teacher changed)", path)
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if kept:
-        logger.info("reusing %d finished chunks of %s", len(kept), parts)
-    return kept
-
-
-def _join(parts: Path, names: list[str], output: Path) -> None:
-    """Concatenate the parts into ``output`` (through a temporary file renamed; gzip if it ends in .gz),
-    then remove them."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
-    try:
-        gz = output.suffix == ".gz"  # mtime 0: the same lines give the same bytes
-        with gzip.GzipFile(partial, "wb", mtime=0) if gz else open(partial, "wb") as out:
-            for name in names:
-                with open(parts / name, "rb") as part:
-                    shutil.copyfileobj(part, out)
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
-    shutil.rmtree(parts)
