@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from m3embed.lora_lean import use_lean_forward
+
 ADAPTER_CONFIG = "adapter_config.json"  # peft's file names
 # FlagEmbedding's decoder-only defaults (finetune.embedder.decoder_only.base.arguments).
 DEFAULT_TARGET_MODULES = ("v_proj", "q_proj", "k_proj", "gate_proj", "down_proj", "o_proj", "up_proj")
@@ -80,6 +82,7 @@ def add_lora(backbone: nn.Module, settings: LoraSettings, base_name_or_path: str
         target_modules=targets,
     )
     wrapped = peft.get_peft_model(backbone, config, autocast_adapter_dtype=True)
+    use_lean_forward(wrapped)
     if base_name_or_path is not None:
         wrapped.peft_config["default"].base_model_name_or_path = base_name_or_path
     return wrapped
@@ -88,7 +91,9 @@ def add_lora(backbone: nn.Module, settings: LoraSettings, base_name_or_path: str
 def load_adapter(backbone: nn.Module, folder: Path) -> nn.Module:
     """``backbone`` with the adapter saved in ``folder``, trainable (a resumed run trains it on)."""
     peft = _peft()
-    return peft.PeftModel.from_pretrained(backbone, str(folder), is_trainable=True)
+    wrapped = peft.PeftModel.from_pretrained(backbone, str(folder), is_trainable=True)
+    use_lean_forward(wrapped)
+    return wrapped
 
 
 def adapter_base(folder: Path) -> str | None:
