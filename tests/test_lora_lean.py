@@ -19,7 +19,12 @@ def model_pair(dtype):
     second with peft's own (the instance attribute removed, so the class's forward runs)."""
     models = []
     for _ in range(2):
-        model = tiny_decoder("qwen3", dropout=0.1, config=M3Config(pooling="last_token", use_sparse=False, use_colbert=False), seed=0)
+        model = tiny_decoder(
+            "qwen3",
+            dropout=0.1,
+            config=M3Config(pooling="last_token", use_sparse=False, use_colbert=False),
+            seed=0,
+        )
         model.add_lora(rank=4, dropout=0.25, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"))
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
@@ -52,7 +57,9 @@ def loss_and_grads(model, autocast=None):
 def assert_close(a, b, tol, what):
     err = (a - b).abs().max().item()
     scale = b.abs().max().item()
-    assert err <= tol * max(scale, 1e-30), f"{what}: max error {err:.3e} against scale {scale:.3e} (tol {tol})"
+    assert err <= tol * max(scale, 1e-30), (
+        f"{what}: max error {err:.3e} against scale {scale:.3e} (tol {tol})"
+    )
 
 
 def test_lean_forward_equals_peft_with_dropout_in_float64():
