@@ -153,3 +153,25 @@ def test_lora_delta_gradcheck():
         return LoraDelta.apply(x, a, b, 0.3, 1.5)
 
     assert torch.autograd.gradcheck(fn, (x, a, b))
+
+
+def test_dropout_one_goes_through_peft_and_drops_the_whole_update():
+    """p = 1 (the Python API allows it; the CLI's bound is < 1): the adapters add nothing, no NaN."""
+    model = tiny_decoder(
+        "qwen3",
+        dropout=0.0,
+        config=M3Config(pooling="last_token", use_sparse=False, use_colbert=False),
+        seed=0,
+    )
+    base = model.tokenize(TEXTS, max_length=32)
+    model.train()
+    without = model(base["input_ids"], base["attention_mask"]).dense.detach()
+    model.add_lora(rank=4, dropout=1.0, target_modules=("q_proj", "down_proj"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)
+    model.train()
+    dense = model(base["input_ids"], base["attention_mask"]).dense
+    assert torch.isfinite(dense).all()
+    assert_close(dense.detach(), without, 1e-6, "dense with every adapter input dropped")

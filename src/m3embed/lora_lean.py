@@ -15,7 +15,7 @@ noise, ``bernoulli_(1 - p)``), so on CPU the update and its gradients equal peft
 
 :func:`use_lean_forward` puts it on every vanilla LoRA ``Linear`` of a peft model; any other case
 (adapters disabled or merged, a per-row ``adapter_names`` batch, DoRA or another variant, several
-active adapters) goes through peft's own forward.
+active adapters, dropout 1) goes through peft's own forward.
 """
 
 from __future__ import annotations
@@ -91,12 +91,12 @@ def _lean_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
         and not getattr(self, "lora_bias", {}).get(adapters[0], False)
         and isinstance(self.lora_dropout[adapters[0]], nn.Dropout | nn.Identity)
     )
-    if not simple:
+    dropout = self.lora_dropout[adapters[0]] if simple else None
+    p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+    if not simple or p >= 1:  # dropout 1 drops everything: 1 / (1 - p) has no value
         return type(self).forward(self, x, *args, **kwargs)
     name = adapters[0]
     result = self.base_layer(x, *args)
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
     delta = LoraDelta.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, p, self.scaling[name])
     return (result + delta).to(result.dtype)
 
