@@ -304,3 +304,33 @@ def test_bad_lora_input_gets_one_line_naming_the_flag(tmp_path, capsys, monkeypa
     assert main([*argv, "--lora-rank", "2", "--batch-size", "2"]) == 2
     assert "pip install 'm3embed[lora]'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists(), "nothing written"
+
+
+def test_a_dtype_the_device_cannot_run_is_one_line_naming_the_flag(tmp_path, capsys, monkeypatch):
+    """This CPU runs both 16-bit dtypes, so the failing kernel and the GPU without bf16 are simulated."""
+    from m3embed.cli import main
+    from m3embed.lora import check_dtype_runs
+
+    linear = torch.nn.functional.linear
+
+    def no_half(x, w, b=None):
+        if x.dtype == torch.float16:
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+        return linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", no_half)
+    base = tmp_path / "base"
+    tiny_decoder("qwen3").save_pretrained(base)
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(base), "--train-data", str(_lines(tmp_path)), "--output-dir", str(out)]
+    assert main([*argv, "--lora-rank", "2", "--dtype", "float16", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("m3embed train: error: --dtype float16 cannot run on cpu"), err
+    assert "Traceback" not in "\n".join(err), err
+    assert not out.exists(), "nothing written"
+    check_dtype_runs(torch.bfloat16, torch.device("cpu"))  # the real kernel passes
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(ValueError, match=r"^--dtype bfloat16: Tesla T4 has no bfloat16 support$"):
+        check_dtype_runs(torch.bfloat16, torch.device("cuda"))
