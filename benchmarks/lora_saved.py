@@ -36,6 +36,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(HERE))
     from m3embed.peak_memory import PeakMemory
+    from m3embed.tensor_bytes import saved_bytes
     from workloads import DECODER_LORA, qwen3_0_6b_width
 
     torch.set_num_threads(args.threads)
@@ -50,18 +51,7 @@ def worker(args: argparse.Namespace) -> dict:
     ids = torch.randint(10, 1900, (args.batch, args.length))
     mask = torch.ones_like(ids)
 
-    storages: dict[int, int] = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, mask)
-    saved = sum(storages.values())
-    storages.clear()
+    saved = saved_bytes(lambda: model(ids, mask), exclude=model.parameters())
     gc.collect()
 
     model.gradient_checkpointing_enable()

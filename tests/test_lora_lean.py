@@ -9,6 +9,7 @@ pytest.importorskip("peft")
 
 from m3embed import M3Config  # noqa: E402
 from m3embed.lora_lean import LoraDelta  # noqa: E402
+from m3embed.tensor_bytes import saved_bytes  # noqa: E402
 from m3embed.testing import sample_texts, tiny_decoder  # noqa: E402
 
 TEXTS = sample_texts(4, seed=3, min_words=3, max_words=30)
@@ -95,22 +96,6 @@ def test_lean_forward_under_bf16_autocast_matches_peft():
         assert_close(grads_lean[name], grads_plain[name], tol, name)
 
 
-def saved_bytes(fn, module):
-    """Bytes of the distinct storages autograd saves while ``fn`` runs, ``module``'s parameters (and
-    views of them) left out."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def test_lean_forward_saves_a_bool_mask_instead_of_fp32_copies():
     """One adapted projection on bf16 inputs: beyond what the frozen projection saves (its input), the
     lean forward saves a 1-byte mask per input feature and the rank-wide hidden; peft saves the fp32
@@ -123,8 +108,8 @@ def test_lean_forward_saves_a_bool_mask_instead_of_fp32_copies():
     x = torch.randn(6, 10, module_lean.in_features, dtype=torch.bfloat16, requires_grad=True)
     rank = module_lean.lora_A["default"].out_features
     base_only = x.numel() * 2  # the bf16 input the frozen projection keeps
-    lean_bytes = saved_bytes(lambda: module_lean(x), module_lean)
-    plain_bytes = saved_bytes(lambda: module_plain(x), module_plain)
+    lean_bytes = saved_bytes(lambda: module_lean(x), exclude=module_lean.parameters())
+    plain_bytes = saved_bytes(lambda: module_plain(x), exclude=module_plain.parameters())
     assert lean_bytes == base_only + x.numel() * 1 + 6 * 10 * rank * 4, (lean_bytes, base_only)
     assert plain_bytes >= base_only + x.numel() * 5, (plain_bytes, base_only)
 

@@ -12,11 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from m3embed.data.line import parse_line
+from m3embed.data.line import BOM, parse_line, where
 
 logger = logging.getLogger(__name__)
-
-_BOM = b"\xef\xbb\xbf"
 
 
 def read_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -24,7 +22,7 @@ def read_raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     byte-order mark dropped."""
     with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            yield lineno, raw[len(_BOM) :] if lineno == 1 and raw.startswith(_BOM) else raw
+            yield lineno, raw[len(BOM) :] if lineno == 1 and raw.startswith(BOM) else raw
 
 
 def line_chunks(path: Path, size: int) -> Iterator[tuple[int, list[tuple[int, bytes]]]]:
@@ -46,8 +44,7 @@ def check_line(raw: bytes, path: Path, lineno: int) -> dict[str, Any] | None:
     example, problem = parse_line(raw.rstrip(b"\r\n"))
     if problem is not None:
         field_name, message = problem
-        where = f"{path}, line {lineno}" + (f", field {field_name!r}" if field_name else "")
-        raise ValueError(f"{where}: {message}")
+        raise ValueError(f"{where(path, lineno, field_name)}: {message}")
     return example
 
 

@@ -36,11 +36,10 @@ from typing import IO, Any
 import numpy as np
 
 from m3embed.data.config import TRAIN_SUFFIXES, DataConfig, DataError
-from m3embed.data.line import parse_line
+from m3embed.data.line import BOM, parse_line, where
 
 logger = logging.getLogger(__name__)
 
-_BOM = b"\xef\xbb\xbf"
 _MAX_REASONS_LOGGED = 3
 _SKIP_HINT = "Fix the line, or set skip_bad_lines=True (CLI: --skip-bad-lines) to skip and count bad lines."
 
@@ -313,11 +312,11 @@ def _valid_lines(
         for line_no, raw in enumerate(_lines(f, path), start=1):
             skips.lines = line_no
             body, size = raw, len(raw)
-            if line_no == 1 and body.startswith(_BOM):
-                body = body[len(_BOM) :]
+            if line_no == 1 and body.startswith(BOM):
+                body = body[len(BOM) :]
                 if copy is None:
-                    position += len(_BOM)
-                    size -= len(_BOM)
+                    position += len(BOM)
+                    size -= len(BOM)
             if line_no == 1 and body.lstrip().startswith(b"["):
                 raise DataError(
                     f"{path}, line 1: the file is a JSON array; m3embed reads JSON lines (one object a "
@@ -329,9 +328,11 @@ def _valid_lines(
             if problem is not None:
                 field, message = problem
                 if not config.skip_bad_lines:
-                    where = f"{path}, line {line_no}" + (f", field {field!r}" if field else "")
                     raise DataError(
-                        f"{where}: {message}. {_SKIP_HINT}", path=str(path), line=line_no, field=field
+                        f"{where(path, line_no, field)}: {message}. {_SKIP_HINT}",
+                        path=str(path),
+                        line=line_no,
+                        field=field,
                     )
                 skips.add(line_no, field, message)
             if example is None:  # a blank or a skipped line

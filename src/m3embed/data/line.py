@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+from os import PathLike
 from typing import Any
+
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, dropped from a file's first line
+
+
+def where(path: str | PathLike, lineno: int, field: str | None = None) -> str:
+    """``"<path>, line N"`` plus ``", field 'name'"`` when a field is named: how errors locate a line."""
+    return f"{path}, line {lineno}" + (f", field {field!r}" if field else "")
 
 
 def parse_line(body: bytes) -> tuple[dict[str, Any] | None, tuple[str | None, str] | None]:
