@@ -101,13 +101,10 @@ def _lean_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -
     return (result + delta).to(result.dtype)
 
 
-def use_lean_forward(model: nn.Module) -> int:
-    """Give every peft LoRA ``Linear`` in ``model`` the lean forward; returns how many."""
+def use_lean_forward(model: nn.Module) -> None:
+    """Give every peft LoRA ``Linear`` in ``model`` the lean forward."""
     from peft.tuners.lora import Linear
 
-    count = 0
     for module in model.modules():
         if type(module) is Linear and getattr(module, "fan_in_fan_out", False) is False:
             module.forward = types.MethodType(_lean_forward, module)
-            count += 1
-    return count
